@@ -1,0 +1,120 @@
+"""Settings: the only place Parley reads its environment.
+
+Every setting has the ``PARLEY_`` prefix except the conventional ``DATABASE_URL`` and
+``REDIS_URL``. An empty variable counts as unset. ``.env.example`` documents each one.
+"""
+
+from __future__ import annotations
+
+import enum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Environment(enum.StrEnum):
+    development = "development"
+    production = "production"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PARLEY_",
+        env_ignore_empty=True,
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    env: Environment = Environment.development
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "PARLEY_DATABASE_URL")
+    )
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "PARLEY_REDIS_URL")
+    )
+    # Prefix for every Redis key Parley writes (queues included), so several installs or test
+    # runs can share one Redis server without consuming each other's work.
+    redis_prefix: str = ""
+    data_dir: Path = Path(".parley")
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    log_level: str = "INFO"
+    log_format: str = "json"  # json | console
+
+    inference_endpoints: str | None = None
+    inference_timeout: float = 60.0
+    inference_connect_timeout: float = 3.0
+    local_model_port: int = 8181
+    local_model_threads: int = 2
+    local_model_ctx: int = 4096
+
+    graph_api_url: str = "https://graph.facebook.com"
+    graph_api_version: str = "v23.0"
+    graph_timeout: float = 15.0
+    sandbox: bool = True
+
+    encryption_keys: SecretStr | None = None
+
+    job_max_attempts: int = 5
+    outbox_relay_interval: float = 5.0
+    outbox_relay_after: float = 15.0
+    history_turns: int = 12
+    config_poll_interval: float = 2.0
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg_driver(cls, value: str | None) -> str | None:
+        """Accept plain ``postgresql://`` URLs and use psycopg 3 for them."""
+        if value is None:
+            return None
+        for prefix in ("postgresql://", "postgres://"):
+            if value.startswith(prefix):
+                return "postgresql+psycopg://" + value[len(prefix) :]
+        return value
+
+    @property
+    def is_production(self) -> bool:
+        return self.env is Environment.production
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise RuntimeError(
+                "DATABASE_URL is not set; `parley run` starts an embedded Postgres in development"
+            )
+        return self.database_url
+
+    def require_redis_url(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError(
+                "REDIS_URL is not set; `parley run` starts an embedded Redis in development"
+            )
+        return self.redis_url
+
+    def check_production(self) -> list[str]:
+        """Why this configuration may not run in production (empty when it may)."""
+        problems: list[str] = []
+        if not self.is_production:
+            return problems
+        if not self.database_url:
+            problems.append("DATABASE_URL must be set (no embedded Postgres in production)")
+        if not self.redis_url:
+            problems.append("REDIS_URL must be set (no embedded Redis in production)")
+        if not self.inference_endpoints:
+            problems.append("PARLEY_INFERENCE_ENDPOINTS must be set (no local model in production)")
+        if self.encryption_keys is None:
+            problems.append("PARLEY_ENCRYPTION_KEYS must be set (no generated keys in production)")
+        if self.sandbox:
+            problems.append("PARLEY_SANDBOX must be false in production")
+        return problems
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (the CLI and tests change the environment, then reload)."""
+    get_settings.cache_clear()

@@ -1,0 +1,63 @@
+"""Database engine and the session boundary.
+
+Services and repositories only ``flush()``; the boundary (a request dependency, a task wrapper,
+a CLI command) owns the transaction through :func:`session_scope`, which commits or rolls back and
+then releases the jobs buffered during the transaction (see :mod:`core.jobs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.config import get_settings
+
+
+@lru_cache(maxsize=4)
+def engine_for(url: str, pool_size: int = 8) -> Engine:
+    engine = create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=4,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={"connect_timeout": 5},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _utc(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]  # DBAPI hook
+        with dbapi_connection.cursor() as cur:
+            cur.execute("SET TIME ZONE 'UTC'")
+        dbapi_connection.commit()
+
+    return engine
+
+
+def get_engine() -> Engine:
+    return engine_for(get_settings().require_database_url())
+
+
+def make_sessionmaker(engine: Engine | None = None) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine or get_engine(), expire_on_commit=False, autoflush=False)
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session] | None = None) -> Iterator[Session]:
+    """One transaction: commit on success, roll back on any exception.
+
+    Jobs enqueued through :func:`core.jobs.enqueue` inside the block are sent to the broker only
+    after the commit succeeds, and dropped on rollback.
+    """
+    session = (factory or make_sessionmaker())()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

@@ -1,0 +1,204 @@
+"""Transactional outbox and after-commit enqueueing.
+
+``enqueue(session, "bots.reply", message_id=…)`` writes an ``outbox`` row in the caller's
+transaction and remembers it; only after that transaction commits is the task sent to Celery, with
+the job id as its only argument. If sending fails (Redis down), the commit still stands, the event
+``jobs.enqueue_failed`` is logged, and the relay (``jobs.relay``, run by beat) sends it later.
+
+A task body registered with :func:`job` runs through :func:`run_job`, which counts the attempt in
+Postgres *before* the work (so a message that kills its worker cannot loop forever), skips jobs that
+are already done, and dead-letters a job after ``PARLEY_JOB_MAX_ATTEMPTS`` attempts. The body marks
+its job done with :func:`complete` in the same transaction as its effects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, ParamSpec, Protocol
+
+import structlog
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.celery_app import celery_app
+from core.config import get_settings
+from core.db import session_scope
+from core.models import OutboxJob, utcnow
+
+log = structlog.get_logger()
+P = ParamSpec("P")
+
+_BUFFER_KEY = "parley.jobs"
+
+
+def enqueue(session: Session, task: str, **payload: Any) -> OutboxJob:
+    """Write the job in the caller's transaction; send it to the broker after commit."""
+    job = OutboxJob(task=task, payload=payload, state="pending", attempts=0, available_at=utcnow())
+    session.add(job)
+    session.flush()
+    session.info.setdefault(_BUFFER_KEY, []).append((task, job.id))
+    return job
+
+
+def send_now(task: str, job_id: int) -> bool:
+    """Ring the doorbell for one job; never raises (the relay retries what this cannot send)."""
+    try:
+        celery_app.send_task(task, kwargs={"job_id": job_id}, retry=False)
+    except Exception as exc:  # noqa: BLE001  # any broker failure is recovered by the relay
+        log.warning("jobs.enqueue_failed", task=task, job_id=job_id, error=type(exc).__name__)
+        return False
+    return True
+
+
+def flush_after_commit(session: Session) -> None:
+    for task, job_id in session.info.pop(_BUFFER_KEY, []):
+        send_now(task, job_id)
+
+
+def drop_buffer(session: Session) -> None:
+    session.info.pop(_BUFFER_KEY, None)
+
+
+def install_session_hooks() -> None:
+    """Send buffered jobs after every commit and forget them on rollback (idempotent)."""
+    from sqlalchemy import event
+
+    if not event.contains(Session, "after_commit", flush_after_commit):
+        event.listen(Session, "after_commit", flush_after_commit)
+        event.listen(Session, "after_soft_rollback", _after_soft_rollback)
+
+
+def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
+    if previous_transaction.parent is None:
+        drop_buffer(session)
+
+
+install_session_hooks()
+
+
+def complete(session: Session, job_id: int) -> bool:
+    """Mark the job done in the caller's transaction. False if another run already finished it;
+    the caller must then roll back so its effects are not applied twice."""
+    done = session.execute(
+        update(OutboxJob)
+        .where(OutboxJob.id == job_id, OutboxJob.state == "pending")
+        .values(state="done", done_at=utcnow())
+        .returning(OutboxJob.id)
+    ).first()
+    return done is not None
+
+
+class AlreadyDone(Exception):
+    """Raised inside a job body when :func:`complete` finds the job finished by another run."""
+
+
+class DeadHandler(Protocol):
+    def __call__(self, session: Session, *, job_id: int, **payload: Any) -> None: ...
+
+
+def backoff(attempt: int) -> float:
+    return float(min(300, 2 ** max(0, attempt - 1)))
+
+
+def run_job(
+    job_id: int,
+    body: Callable[..., None],
+    *,
+    on_dead: DeadHandler | None = None,
+    factory: sessionmaker[Session] | None = None,
+) -> str:
+    """Run one job body at most once to completion. Returns what happened (for logs and tests)."""
+    settings = get_settings()
+    lease = timedelta(seconds=max(settings.outbox_relay_after, 120.0))
+    with session_scope(factory) as session:
+        row = session.execute(
+            update(OutboxJob)
+            .where(OutboxJob.id == job_id, OutboxJob.state == "pending")
+            .values(attempts=OutboxJob.attempts + 1, available_at=utcnow() + lease)
+            .returning(OutboxJob.attempts, OutboxJob.payload, OutboxJob.task)
+        ).first()
+        if row is None:
+            return "skipped"
+        attempts, payload, task = row
+        if attempts > settings.job_max_attempts:
+            session.execute(
+                update(OutboxJob)
+                .where(OutboxJob.id == job_id)
+                .values(state="dead", done_at=utcnow())
+            )
+            if on_dead is not None:
+                on_dead(session, job_id=job_id, **payload)
+            log.error("jobs.dead", task=task, job_id=job_id, attempts=attempts - 1)
+            return "dead"
+    try:
+        body(job_id=job_id, **payload)
+    except AlreadyDone:
+        return "duplicate"
+    except Exception as exc:
+        delay = backoff(attempts)
+        with session_scope(factory) as session:
+            session.execute(
+                update(OutboxJob)
+                .where(OutboxJob.id == job_id, OutboxJob.state == "pending")
+                .values(
+                    available_at=utcnow() + timedelta(seconds=delay),
+                    last_error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                )
+            )
+        log.warning(
+            "jobs.failed", task=task, job_id=job_id, attempt=attempts, retry_in=delay,
+            error=type(exc).__name__,
+        )
+        return "failed"
+    return "done"
+
+
+def job(name: str, *, on_dead: DeadHandler | None = None) -> Callable[[Callable[..., None]], Any]:
+    """Register ``body(job_id=…, **payload)`` as the Celery task ``name`` run through the outbox."""
+
+    def register(body: Callable[..., None]) -> Any:
+        @celery_app.task(name=name)  # type: ignore[untyped-decorator]  # celery is untyped
+        def task(job_id: int) -> str:
+            return run_job(job_id, body, on_dead=on_dead)
+
+        return task
+
+    return register
+
+
+def relay(factory: sessionmaker[Session] | None = None, *, limit: int = 500) -> int:
+    """Re-send pending jobs that are due and were not picked up; returns how many were sent."""
+    settings = get_settings()
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.outbox_relay_after)
+    with session_scope(factory) as session:
+        rows = session.execute(
+            select(OutboxJob.id, OutboxJob.task)
+            .where(
+                OutboxJob.state == "pending",
+                OutboxJob.available_at <= now,
+                OutboxJob.created_at <= stale,
+            )
+            .order_by(OutboxJob.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if rows:
+            session.execute(
+                update(OutboxJob)
+                .where(OutboxJob.id.in_([r.id for r in rows]))
+                .values(
+                    available_at=now + timedelta(seconds=settings.outbox_relay_after),
+                    enqueued_at=now,
+                )
+            )
+    sent = sum(1 for r in rows if send_now(r.task, r.id))
+    if rows:
+        log.info("jobs.relayed", due=len(rows), sent=sent)
+    return sent
+
+
+@celery_app.task(name="jobs.relay")  # type: ignore[untyped-decorator]  # celery is untyped
+def relay_task() -> int:
+    return relay()

@@ -1,0 +1,117 @@
+"""Endpoint descriptions and the parser for ``PARLEY_INFERENCE_ENDPOINTS``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import yaml
+
+Role = Literal["chat", "guard", "vision"]
+ROLES: tuple[Role, ...] = ("chat", "guard", "vision")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One OpenAI-compatible server.
+
+    ``url`` is the base URL without ``/v1`` and without a trailing slash; the client calls
+    ``{url}/v1/chat/completions``. ``model`` is the name sent in requests (``None`` lets the
+    caller choose). ``role`` says which kind of request the server takes.
+    """
+
+    url: str
+    model: str | None = None
+    role: Role = "chat"
+
+
+def normalize_base_url(raw: str) -> str:
+    """Return ``raw`` as an ``http(s)://host[:port][/prefix]`` base without ``/v1``.
+
+    Raises ``ValueError`` for other schemes, a missing host, or a query or fragment.
+    """
+    url = raw.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {raw!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"base URL may not have a query or fragment: {raw!r}")
+    try:
+        _ = parts.port  # raises ValueError on a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"bad port in URL: {raw!r}") from exc
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[: -len("/v1")]
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def _role(value: object, item: str) -> Role:
+    for role in ROLES:
+        if value == role:
+            return role
+    raise ValueError(f"unknown role {value!r} in {item!r}; expected one of {', '.join(ROLES)}")
+
+
+def _parse_item(item: str) -> Endpoint:
+    url, _, fragment = item.partition("#")
+    fields: dict[str, str] = {}
+    if fragment:
+        for pair in fragment.split("&"):
+            key, sep, value = pair.partition("=")
+            if not sep or key not in ("model", "role") or key in fields or not value:
+                raise ValueError(f"bad option {pair!r} in {item!r}; use #model=NAME&role=ROLE")
+            fields[key] = unquote(value)
+    try:
+        base = normalize_base_url(url)
+    except ValueError as exc:
+        raise ValueError(f"bad endpoint {item!r}: {exc}") from None
+    return Endpoint(url=base, model=fields.get("model"), role=_role(fields.get("role", "chat"), item))
+
+
+def _load_pool(path: Path) -> list[Endpoint]:
+    try:
+        data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read endpoint pool {str(path)!r}: {exc}") from None
+    entries = data.get("endpoints") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{str(path)!r} must be a mapping with an 'endpoints' list")
+    endpoints: list[Endpoint] = []
+    for index, entry in enumerate(entries):
+        item = f"{path}: endpoints[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
+            raise ValueError(f"{item} must be a mapping with a 'url' string")
+        unknown = set(entry) - {"url", "model", "role"}
+        if unknown:
+            raise ValueError(f"{item} has unknown keys: {', '.join(sorted(map(str, unknown)))}")
+        model = entry.get("model")
+        if model is not None and not (isinstance(model, str) and model):
+            raise ValueError(f"{item}: 'model' must be a non-empty string")
+        try:
+            base = normalize_base_url(entry["url"])
+        except ValueError as exc:
+            raise ValueError(f"{item}: {exc}") from None
+        endpoints.append(Endpoint(url=base, model=model, role=_role(entry.get("role", "chat"), item)))
+    return endpoints
+
+
+def parse_endpoints(spec: str) -> list[Endpoint]:
+    """Parse an endpoint list.
+
+    ``spec`` is either comma-separated ``URL[#model=NAME][&role=chat|guard|vision]`` items
+    (options in any order, role defaulting to ``chat``, blank items ignored) or
+    ``@path/to/pool.yaml`` naming a YAML file ``endpoints: [{url, model, role}]``.
+    The order is kept: it is the failover order. Raises ``ValueError`` naming the bad
+    item, or when the spec holds no endpoint at all.
+    """
+    text = spec.strip()
+    if text.startswith("@"):
+        endpoints = _load_pool(Path(text[1:].strip()))
+    else:
+        endpoints = [_parse_item(item.strip()) for item in text.split(",") if item.strip()]
+    if not endpoints:
+        raise ValueError(f"no endpoints in {spec!r}")
+    return endpoints
