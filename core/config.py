@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     outbox_relay_interval: float = 5.0
     outbox_relay_after: float = 15.0
     history_turns: int = 12
-    config_poll_interval: float = 2.0
+    # A worker answers /readyz (Redis reachable) on this port when > 0.
+    worker_health_port: int = 0
 
     @field_validator("database_url")
     @classmethod

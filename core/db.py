@@ -41,8 +41,30 @@ def get_engine() -> Engine:
     return engine_for(get_settings().require_database_url())
 
 
+_default: sessionmaker[Session] | None = None
+
+
 def make_sessionmaker(engine: Engine | None = None) -> sessionmaker[Session]:
-    return sessionmaker(bind=engine or get_engine(), expire_on_commit=False, autoflush=False)
+    """A session factory for ``engine``, or the process default (see :func:`use_sessionmaker`)."""
+    if engine is None and _default is not None:
+        return _default
+    return _sessionmaker_for(engine or get_engine())
+
+
+@lru_cache(maxsize=4)
+def _sessionmaker_for(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
+
+
+@contextmanager
+def use_sessionmaker(factory: sessionmaker[Session]) -> Iterator[None]:
+    """Make ``factory`` the process default, e.g. one bound to a test's outer transaction."""
+    global _default
+    previous, _default = _default, factory
+    try:
+        yield
+    finally:
+        _default = previous
 
 
 @contextmanager

@@ -147,7 +147,11 @@ def run_job(
                 )
             )
         log.warning(
-            "jobs.failed", task=task, job_id=job_id, attempt=attempts, retry_in=delay,
+            "jobs.failed",
+            task=task,
+            job_id=job_id,
+            attempt=attempts,
+            retry_in=delay,
             error=type(exc).__name__,
         )
         return "failed"

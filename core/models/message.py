@@ -38,9 +38,7 @@ class Message(CreatedAt, Base):
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"))
-    conversation_id: Mapped[int] = mapped_column(
-        ForeignKey("conversations.id", ondelete="CASCADE")
-    )
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
     direction: Mapped[str] = mapped_column(String(3))
     channel: Mapped[str] = mapped_column(String(16))
     kind: Mapped[str] = mapped_column(String(16), default="text")
@@ -49,9 +47,7 @@ class Message(CreatedAt, Base):
     body: Mapped[str | None] = mapped_column(EncryptedText)
     body_redacted: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))
-    reply_to_id: Mapped[int | None] = mapped_column(
-        ForeignKey("messages.id", ondelete="SET NULL")
-    )
+    reply_to_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"))
     # The ids of the stored messages whose (redacted) text formed this reply's prompt.
     prompt_message_ids: Mapped[list[int] | None] = mapped_column(ARRAY(BigInteger))
     # Screening verdict: reason codes and action (never the matched text).

@@ -1,0 +1,1 @@
+"""Bot configuration, contacts and conversations, memory and the reply pipeline."""

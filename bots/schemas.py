@@ -1,0 +1,87 @@
+"""The bots YAML format (``parley bots apply -f bots.yaml``), validated with pydantic."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MetaAppSpec(_Strict):
+    name: str = Field(min_length=1, max_length=100)
+    app_id: str | None = None
+    app_secret: str = Field(min_length=1)
+    verify_token: str = Field(min_length=1)
+
+
+class GenerationSpec(_Strict):
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    max_tokens: int = Field(256, ge=1, le=8192)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class ChannelSpec(_Strict):
+    type: Literal["whatsapp", "messenger", "instagram"]
+    app: str
+    access_token: str = Field(min_length=1)
+    phone_number_id: str | None = None
+    page_id: str | None = None
+    instagram_account_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_id(self) -> ChannelSpec:
+        needed = {
+            "whatsapp": "phone_number_id",
+            "messenger": "page_id",
+            "instagram": "instagram_account_id",
+        }[self.type]
+        if not getattr(self, needed):
+            raise ValueError(f"a {self.type} channel needs {needed}")
+        return self
+
+    @property
+    def external_id(self) -> str:
+        return self.phone_number_id or self.page_id or self.instagram_account_id or ""
+
+
+class BotSpec(_Strict):
+    name: str = Field(min_length=1, max_length=100)
+    system_prompt: str = Field(min_length=1)
+    model: str | None = None
+    generation: GenerationSpec = GenerationSpec()
+    history_turns: int = Field(12, ge=0, le=200)
+    fallback_reply: str = "Sorry, I can't help with that right now."
+    channels: list[ChannelSpec] = Field(default_factory=list)
+
+
+class BotsFile(_Strict):
+    workspace: str = Field("default", min_length=1, max_length=100)
+    meta_apps: list[MetaAppSpec] = Field(default_factory=list)
+    bots: list[BotSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _references(self) -> BotsFile:
+        apps = [a.name for a in self.meta_apps]
+        if len(set(apps)) != len(apps):
+            raise ValueError("meta_apps names must be unique")
+        names = [b.name for b in self.bots]
+        if len(set(names)) != len(names):
+            raise ValueError("bot names must be unique")
+        seen: set[tuple[str, str]] = set()
+        for bot in self.bots:
+            for channel in bot.channels:
+                if channel.app not in apps:
+                    raise ValueError(f"bot {bot.name!r} uses unknown meta app {channel.app!r}")
+                key = (channel.type, channel.external_id)
+                if key in seen:
+                    raise ValueError(
+                        f"{channel.type} account {channel.external_id} is declared twice"
+                    )
+                seen.add(key)
+        return self

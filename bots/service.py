@@ -1,0 +1,134 @@
+"""Applying bots YAML to the database: idempotent, declarative, never deletes.
+
+The caller owns the transaction. A running platform reads bots and channel accounts from the
+database on every webhook and task, so an applied change is live at the next message.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from bots import repository
+from bots.schemas import BotsFile
+from core.errors import ConfigError
+from core.models import Bot, ChannelAccount, MetaApp, Workspace
+
+
+@dataclass
+class ApplyReport:
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.created)} created, {len(self.updated)} updated, "
+            f"{len(self.unchanged)} unchanged"
+        )
+
+
+def _sync(obj: Any, values: dict[str, Any]) -> bool:
+    changed = False
+    for key, value in values.items():
+        if getattr(obj, key) != value:
+            setattr(obj, key, value)
+            changed = True
+    return changed
+
+
+def _note(report: ApplyReport, label: str, *, created: bool, changed: bool) -> None:
+    if created:
+        report.created.append(label)
+    elif changed:
+        report.updated.append(label)
+    else:
+        report.unchanged.append(label)
+
+
+def apply_bots(session: Session, spec: BotsFile) -> ApplyReport:
+    report = ApplyReport()
+    workspace = repository.workspace_by_name(session, spec.workspace)
+    created = workspace is None
+    if workspace is None:
+        workspace = Workspace(name=spec.workspace)
+        session.add(workspace)
+        session.flush()
+    _note(report, f"workspace {spec.workspace}", created=created, changed=False)
+
+    apps: dict[str, MetaApp] = {}
+    for app_spec in spec.meta_apps:
+        app = repository.meta_app(session, workspace.id, app_spec.name)
+        created = app is None
+        if app is None:
+            app = MetaApp(workspace_id=workspace.id, name=app_spec.name)
+            session.add(app)
+        changed = _sync(
+            app,
+            {
+                "app_id": app_spec.app_id,
+                "app_secret": app_spec.app_secret,
+                "verify_token": app_spec.verify_token,
+            },
+        )
+        session.flush()
+        apps[app_spec.name] = app
+        _note(report, f"meta app {app_spec.name}", created=created, changed=changed)
+
+    for bot_spec in spec.bots:
+        bot = repository.bot(session, workspace.id, bot_spec.name)
+        created = bot is None
+        if bot is None:
+            bot = Bot(
+                workspace_id=workspace.id,
+                name=bot_spec.name,
+                canary_seed=secrets.token_hex(16),
+                extra={},
+            )
+            session.add(bot)
+        gen = bot_spec.generation
+        changed = _sync(
+            bot,
+            {
+                "system_prompt": bot_spec.system_prompt,
+                "model": bot_spec.model,
+                "temperature": gen.temperature,
+                "max_tokens": gen.max_tokens,
+                "top_p": gen.top_p,
+                "stop": list(gen.stop),
+                "seed": gen.seed,
+                "history_turns": bot_spec.history_turns,
+                "fallback_reply": bot_spec.fallback_reply,
+            },
+        )
+        session.flush()
+        _note(report, f"bot {bot_spec.name}", created=created, changed=changed)
+
+        for channel in bot_spec.channels:
+            label = f"{channel.type} account {channel.external_id}"
+            account = repository.channel_account(session, channel.type, channel.external_id)
+            if account is not None and account.workspace_id != workspace.id:
+                raise ConfigError(f"{label} already belongs to another workspace")
+            created = account is None
+            if account is None:
+                account = ChannelAccount(
+                    workspace_id=workspace.id,
+                    channel=channel.type,
+                    external_id=channel.external_id,
+                    status="active",
+                )
+                session.add(account)
+            changed = _sync(
+                account,
+                {
+                    "bot_id": bot.id,
+                    "meta_app_id": apps[channel.app].id,
+                    "access_token": channel.access_token,
+                },
+            )
+            session.flush()
+            _note(report, label, created=created, changed=changed)
+    return report

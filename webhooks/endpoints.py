@@ -1,0 +1,80 @@
+"""Webhook routes: thin — read the bounded body, call the intake service, commit, answer."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import session_scope
+from core.errors import BadRequest, Forbidden, PayloadTooLarge
+from webhooks import service
+from webhooks.channels import meta
+
+MAX_BODY = 4 * 1024 * 1024  # Meta sends up to 3 MB; anything above this is not Meta
+
+router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+
+
+def get_sessionmaker(request: Request) -> sessionmaker[Session]:
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    return factory
+
+
+Factory = Annotated[sessionmaker[Session], Depends(get_sessionmaker)]
+
+
+async def bounded_body(request: Request) -> bytes:
+    """The raw request body, refused with 413 as soon as it passes :data:`MAX_BODY`."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise PayloadTooLarge(f"body larger than {MAX_BODY} bytes")
+    size = 0
+    chunks: list[bytes] = []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise PayloadTooLarge(f"body larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.get("/whatsapp", response_class=PlainTextResponse)
+def verify_whatsapp(
+    factory: Factory,
+    mode: Annotated[str | None, Query(alias="hub.mode")] = None,
+    token: Annotated[str | None, Query(alias="hub.verify_token")] = None,
+    challenge: Annotated[str | None, Query(alias="hub.challenge")] = None,
+) -> PlainTextResponse:
+    """Meta's subscription handshake: echo ``hub.challenge`` when the token matches."""
+    with session_scope(factory) as session:
+        try:
+            answer = service.verify_handshake(session, meta.Handshake(mode, token, challenge))
+        except meta.HandshakeError as exc:
+            if exc.status == 400:
+                raise BadRequest(exc.reason, code="missing_challenge") from exc
+            raise Forbidden(exc.reason) from exc
+    return PlainTextResponse(answer)
+
+
+@router.post("/whatsapp")
+def receive_whatsapp(
+    request: Request,
+    factory: Factory,
+    body: Annotated[bytes, Depends(bounded_body)],
+) -> JSONResponse:
+    """Store every message of the delivery, then answer 200 (only after the commit)."""
+    signature = request.headers.get("x-hub-signature-256")
+    with session_scope(factory) as session:
+        result = service.intake_whatsapp(session, body, signature)
+    return JSONResponse(
+        {
+            "stored": len(result.stored),
+            "duplicates": result.duplicates,
+            "statuses": result.statuses,
+            "unhandled": result.unhandled,
+            "unroutable": result.unroutable,
+        }
+    )
