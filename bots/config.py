@@ -61,22 +61,26 @@ def parse_bots(text: str, *, environ: Mapping[str, str], source: str = "bots.yam
         root = yaml.compose(expanded, Loader=yaml.SafeLoader)
         data: Any = yaml.safe_load(expanded)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        # An unclosed bracket is noticed a line later; the context mark is where it opened.
+        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{where}: invalid YAML: {problem}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{source}:1: expected a mapping with 'workspace', 'meta_apps', 'bots'")
     try:
-        return BotsFile.model_validate(data)
+        spec = BotsFile.model_validate(data)
     except ValidationError as exc:
-        messages = []
-        for error in exc.errors():
-            loc = tuple(error["loc"])
-            line = _line_of(root, loc)
-            path = ".".join(str(p) for p in loc) or "(top level)"
-            messages.append(f"{source}:{line or 1}: {path}: {error['msg']}")
-        raise ConfigError("\n".join(messages)) from exc
+        problems = [(tuple(error["loc"]), str(error["msg"])) for error in exc.errors()]
+    else:
+        problems = spec.reference_errors()
+        if not problems:
+            return spec
+    messages = []
+    for loc, message in problems:
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        messages.append(f"{source}:{_line_of(root, loc) or 1}: {path}: {message}")
+    raise ConfigError("\n".join(messages))
 
 
 def load_bots(path: Path, environ: Mapping[str, str]) -> BotsFile:

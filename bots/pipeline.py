@@ -9,6 +9,7 @@ model twice but can never store, or send, two replies.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import structlog
@@ -26,19 +27,26 @@ from inference import (
     ContextTooLong,
     GenerationParams,
     InferenceClient,
+    parse_endpoints,
 )
 from moderation import canary_instruction, make_canary, screen_inbound, screen_outbound
 
 log = structlog.get_logger()
 
-_client: InferenceClient | None = None
-
-
 def inference_client() -> InferenceClient:
-    global _client
-    if _client is None:
-        _client = InferenceClient.from_settings(get_settings())
-    return _client
+    """One client (and connection pool) per process and endpoint configuration."""
+    settings = get_settings()
+    return _client_for(
+        settings.inference_endpoints or "", settings.inference_timeout,
+        settings.inference_connect_timeout,
+    )
+
+
+@lru_cache(maxsize=4)
+def _client_for(spec: str, timeout: float, connect_timeout: float) -> InferenceClient:
+    return InferenceClient(
+        parse_endpoints(spec) if spec else [], timeout=timeout, connect_timeout=connect_timeout
+    )
 
 
 def _mark_dead(session: Session, *, job_id: int, message_id: int, **_: Any) -> None:

@@ -65,23 +65,30 @@ class BotsFile(_Strict):
     meta_apps: list[MetaAppSpec] = Field(default_factory=list)
     bots: list[BotSpec] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _references(self) -> BotsFile:
-        apps = [a.name for a in self.meta_apps]
-        if len(set(apps)) != len(apps):
-            raise ValueError("meta_apps names must be unique")
-        names = [b.name for b in self.bots]
-        if len(set(names)) != len(names):
-            raise ValueError("bot names must be unique")
+    def reference_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Cross-references pydantic cannot check field by field: (location, message) pairs."""
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        apps: set[str] = set()
+        for i, app in enumerate(self.meta_apps):
+            if app.name in apps:
+                errors.append((("meta_apps", i, "name"), f"meta app {app.name!r} is declared twice"))
+            apps.add(app.name)
+        bots: set[str] = set()
         seen: set[tuple[str, str]] = set()
-        for bot in self.bots:
-            for channel in bot.channels:
+        for i, bot in enumerate(self.bots):
+            if bot.name in bots:
+                errors.append((("bots", i, "name"), f"bot {bot.name!r} is declared twice"))
+            bots.add(bot.name)
+            for j, channel in enumerate(bot.channels):
                 if channel.app not in apps:
-                    raise ValueError(f"bot {bot.name!r} uses unknown meta app {channel.app!r}")
+                    errors.append(
+                        (("bots", i, "channels", j, "app"), f"unknown meta app {channel.app!r}")
+                    )
                 key = (channel.type, channel.external_id)
                 if key in seen:
-                    raise ValueError(
-                        f"{channel.type} account {channel.external_id} is declared twice"
+                    errors.append(
+                        (("bots", i, "channels", j),
+                         f"{channel.type} account {channel.external_id} is declared twice")
                     )
                 seen.add(key)
-        return self
+        return errors

@@ -50,6 +50,9 @@ def _note(report: ApplyReport, label: str, *, created: bool, changed: bool) -> N
 
 
 def apply_bots(session: Session, spec: BotsFile) -> ApplyReport:
+    problems = spec.reference_errors()
+    if problems:
+        raise ConfigError("; ".join(message for _, message in problems))
     report = ApplyReport()
     workspace = repository.workspace_by_name(session, spec.workspace)
     created = workspace is None

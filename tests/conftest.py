@@ -26,7 +26,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from core.config import Settings, get_settings, reset_settings
+from inference import local
 from tests.support import databases
+from tests.support.processes import Proc, free_port
 
 RUN_ID = secrets.token_hex(4)
 
@@ -80,6 +82,24 @@ def _flush_prefix(settings: Settings) -> None:
         client.close()
     except redis.RedisError:
         pass
+
+
+@pytest.fixture(scope="session")
+def model_server(services: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real local model (SmolLM2-135M-Instruct on llama.cpp), shared by the whole run."""
+    port = free_port()
+    log_dir = tmp_path_factory.mktemp("model")
+    proc = Proc(
+        "model",
+        local.server_command(port=port, threads=2, n_ctx=4096),
+        os.environ,
+        log_dir,
+    )
+    try:
+        local.wait_until_ready(f"http://127.0.0.1:{port}", timeout=120, proc=proc.popen)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="session")

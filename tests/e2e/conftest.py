@@ -17,31 +17,12 @@ from sqlalchemy.orm import sessionmaker
 
 from core.config import Settings
 from core.db import session_scope
-from inference import local
 from tests.support import databases
 from tests.support.factories import WhatsAppBot, create_whatsapp_bot
 from tests.support.processes import Proc, RecordingProxy, free_port, parley, wait_http
 from webhooks import simulator
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="session")
-def model_server(services: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The real local model (SmolLM2-135M-Instruct on llama.cpp), shared by every e2e module."""
-    port = free_port()
-    log_dir = tmp_path_factory.mktemp("model")
-    proc = Proc(
-        "model",
-        local.server_command(port=port, threads=2, n_ctx=4096),
-        os.environ,
-        log_dir,
-    )
-    try:
-        local.wait_until_ready(f"http://127.0.0.1:{port}", timeout=120, proc=proc.popen)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
