@@ -1,0 +1,120 @@
+"""The transactional outbox: jobs leave only after commit, the relay re-sends what never ran."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import timedelta
+
+import pytest
+import redis
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core import jobs
+from core.config import get_settings
+from core.models import OutboxJob, utcnow
+
+
+def _queue(name: str = "conversations") -> str:
+    return f"{get_settings().redis_prefix}{name}"
+
+
+def _task_ids(client: redis.Redis, queue: str) -> list[int]:
+    ids = []
+    for raw in client.lrange(queue, 0, -1):
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        ids.append(body[1]["job_id"])
+    return ids
+
+
+def test_job_is_sent_after_commit_only(
+    factory: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    session = factory()
+    job = jobs.enqueue(session, "bots.reply", message_id=1)
+    assert job.id not in _task_ids(redis_client, _queue())
+    session.commit()
+    assert job.id in _task_ids(redis_client, _queue())
+    session.close()
+
+
+def test_rollback_drops_buffered_jobs(
+    factory: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    session = factory()
+    job = jobs.enqueue(session, "bots.reply", message_id=2)
+    job_id = job.id
+    session.rollback()
+    session.commit()
+    assert job_id not in _task_ids(redis_client, _queue())
+    session.close()
+
+
+def test_tasks_are_routed_to_their_lane(
+    factory: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    session = factory()
+    job = jobs.enqueue(session, "webhooks.send", message_id=3)
+    session.commit()
+    assert job.id in _task_ids(redis_client, _queue("send"))
+    assert job.id not in _task_ids(redis_client, _queue("conversations"))
+    session.close()
+
+
+def test_relay_resends_stale_pending_jobs_once(
+    factory: sessionmaker[Session], db: Session, redis_client: redis.Redis
+) -> None:
+    old = utcnow() - timedelta(minutes=5)
+    stale = OutboxJob(task="bots.reply", payload={"message_id": 9}, state="pending",
+                      attempts=0, available_at=old, created_at=old)
+    fresh = OutboxJob(task="bots.reply", payload={"message_id": 10}, state="pending",
+                      attempts=0, available_at=utcnow())
+    done = OutboxJob(task="bots.reply", payload={"message_id": 11}, state="done",
+                     attempts=1, available_at=old, created_at=old)
+    db.add_all([stale, fresh, done])
+    db.commit()
+    assert jobs.relay(factory) >= 1
+    ids = _task_ids(redis_client, _queue())
+    assert ids.count(stale.id) == 1 and fresh.id not in ids and done.id not in ids
+    # Its next chance is pushed forward, so the next tick does not send it again.
+    jobs.relay(factory)
+    assert _task_ids(redis_client, _queue()).count(stale.id) == 1
+
+
+def test_a_failing_body_backs_off_and_is_dead_lettered(
+    factory: sessionmaker[Session], db: Session
+) -> None:
+    deaths: list[int] = []
+
+    def body(*, job_id: int, n: int) -> None:
+        raise RuntimeError("boom")
+
+    def on_dead(session: Session, *, job_id: int, **payload: object) -> None:
+        deaths.append(job_id)
+
+    job = jobs.enqueue(db, "bots.reply", n=1)
+    db.commit()
+    limit = get_settings().job_max_attempts
+    results = [jobs.run_job(job.id, body, on_dead=on_dead, factory=factory) for _ in range(limit)]
+    assert results == ["failed"] * limit
+    db.expire_all()
+    row = db.get(OutboxJob, job.id)
+    assert row is not None and row.attempts == limit and row.last_error == "RuntimeError: boom"
+    assert row.available_at > utcnow()
+    assert jobs.run_job(job.id, body, on_dead=on_dead, factory=factory) == "dead"
+    assert deaths == [job.id]
+    assert jobs.run_job(job.id, body, on_dead=on_dead, factory=factory) == "skipped"
+
+
+def test_complete_is_conditional(db: Session) -> None:
+    job = jobs.enqueue(db, "bots.reply", n=1)
+    assert jobs.complete(db, job.id) is True
+    assert jobs.complete(db, job.id) is False
+    db.execute(update(OutboxJob).where(OutboxJob.id == job.id).values(state="pending"))
+
+
+@pytest.mark.parametrize(("attempt", "delay"), [(1, 1.0), (2, 2.0), (5, 16.0), (20, 300.0)])
+def test_backoff_grows_and_is_capped(attempt: int, delay: float) -> None:
+    assert jobs.backoff(attempt) == delay
