@@ -27,6 +27,10 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def parse(payload: Any) -> list[Event]:
     """Translate one webhook body (already JSON-decoded) into events. Never raises."""
     if not isinstance(payload, dict) or payload.get("object") != "whatsapp_business_account":
@@ -57,17 +61,20 @@ def _parse_change(change: Any) -> list[Event]:
         return [Unhandled(CHANNEL, account, f"field:{field_name}", change)]
     if not isinstance(value, dict) or account is None:
         return [Unhandled(CHANNEL, account, "malformed_value", change)]
+    for key in ("contacts", "messages", "statuses"):
+        if key in value and not isinstance(value[key], list):
+            return [Unhandled(CHANNEL, account, f"malformed_{key}", change)]
     names: dict[str, str | None] = {}
-    for contact in value.get("contacts") or []:
+    for contact in _list(value.get("contacts")):
         if isinstance(contact, dict) and _str(contact.get("wa_id")):
             profile = contact.get("profile")
             names[contact["wa_id"]] = (
                 _str(profile.get("name")) if isinstance(profile, dict) else None
             )
     events: list[Event] = []
-    for message in value.get("messages") or []:
+    for message in _list(value.get("messages")):
         events.append(_parse_message(account, message, names))
-    for status in value.get("statuses") or []:
+    for status in _list(value.get("statuses")):
         events.append(_parse_status(account, status))
     if not events:
         events.append(Unhandled(CHANNEL, account, "empty_change", change))
