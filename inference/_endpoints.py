@@ -68,7 +68,9 @@ def _parse_item(item: str) -> Endpoint:
         base = normalize_base_url(url)
     except ValueError as exc:
         raise ValueError(f"bad endpoint {item!r}: {exc}") from None
-    return Endpoint(url=base, model=fields.get("model"), role=_role(fields.get("role", "chat"), item))
+    return Endpoint(
+        url=base, model=fields.get("model"), role=_role(fields.get("role", "chat"), item)
+    )
 
 
 def _load_pool(path: Path) -> list[Endpoint]:
@@ -94,7 +96,9 @@ def _load_pool(path: Path) -> list[Endpoint]:
             base = normalize_base_url(entry["url"])
         except ValueError as exc:
             raise ValueError(f"{item}: {exc}") from None
-        endpoints.append(Endpoint(url=base, model=model, role=_role(entry.get("role", "chat"), item)))
+        endpoints.append(
+            Endpoint(url=base, model=model, role=_role(entry.get("role", "chat"), item))
+        )
     return endpoints
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -53,21 +54,22 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
 
 
 @pytest.fixture
-def client(server: Endpoint) -> Iterator[InferenceClient]:
+def inference_client(server: Endpoint) -> Iterator[InferenceClient]:
     with InferenceClient([server], timeout=120) as client:
         yield client
 
 
-def test_greedy_reply_with_usage(client: InferenceClient, server: Endpoint) -> None:
-    first = client.chat(QUESTION, params=GREEDY, request_id="it-1")
-    second = client.chat(QUESTION, params=GREEDY, request_id="it-2")
+def test_greedy_reply_with_usage(inference_client: InferenceClient, server: Endpoint) -> None:
+    request_id = str(uuid.uuid4())
+    first = inference_client.chat(QUESTION, params=GREEDY, request_id=request_id)
+    second = inference_client.chat(QUESTION, params=GREEDY)
 
     assert first.text
     assert first.text == first.text.strip()
     assert first.text == second.text  # temperature 0 with a seed is repeatable
     assert first.endpoint == server.url
     assert first.model == MODEL_ALIAS
-    assert first.request_id == "it-1"
+    assert first.request_id == request_id
     assert first.prompt_tokens is not None
     assert first.prompt_tokens > 10
     assert first.completion_tokens is not None
@@ -75,8 +77,8 @@ def test_greedy_reply_with_usage(client: InferenceClient, server: Endpoint) -> N
     assert first.finish_reason in ("stop", "length")
 
 
-def test_health_falls_back_to_models(client: InferenceClient, server: Endpoint) -> None:
-    assert client.health() == [(server, True, "/v1/models: HTTP 200")]
+def test_health_falls_back_to_models(inference_client: InferenceClient, server: Endpoint) -> None:
+    assert inference_client.health() == [(server, True, "/v1/models: HTTP 200")]
 
 
 def test_fails_over_from_a_closed_port(server: Endpoint) -> None:
@@ -86,9 +88,11 @@ def test_fails_over_from_a_closed_port(server: Endpoint) -> None:
     assert result.endpoint == server.url
 
 
-def test_prompt_over_the_context_window(client: InferenceClient, server: Endpoint) -> None:
+def test_prompt_over_the_context_window(
+    inference_client: InferenceClient, server: Endpoint
+) -> None:
     too_long = [{"role": "user", "content": "hello world " * N_CTX}]
     with pytest.raises(ContextTooLong) as info:
-        client.chat(too_long, params=GenerationParams(max_tokens=8))
+        inference_client.chat(too_long, params=GenerationParams(max_tokens=8))
     assert info.value.endpoint == server.url
     assert "hello" not in str(info.value)

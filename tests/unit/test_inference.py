@@ -26,6 +26,7 @@ from inference import (
     parse_endpoints,
 )
 
+REQUEST_ID = "0b6f4e1c-5a43-4d8e-9a57-2f1f0f0f3c11"
 A = "http://gpu-a:8000"
 B = "http://gpu-b:8000"
 MESSAGES = [
@@ -95,12 +96,12 @@ def answer(status: int, body: object) -> Handler:
 def test_request_body_and_headers() -> None:
     recorder = Recorder(ok)
     with recorder.client(Endpoint(A, model="llama-8b")) as client:
-        result = client.chat(MESSAGES, request_id="req-123")
+        result = client.chat(MESSAGES, request_id=REQUEST_ID)
 
     (request,) = recorder.requests
     assert request.method == "POST"
     assert str(request.url) == f"{A}/v1/chat/completions"
-    assert request.headers["X-Request-Id"] == "req-123"
+    assert request.headers["X-Request-Id"] == REQUEST_ID
     assert json.loads(request.content) == {
         "model": "llama-8b",
         "messages": MESSAGES,
@@ -116,7 +117,7 @@ def test_request_body_and_headers() -> None:
         prompt_tokens=21,
         completion_tokens=4,
         finish_reason="stop",
-        request_id="req-123",
+        request_id=REQUEST_ID,
         elapsed_s=result.elapsed_s,
     )
     assert result.elapsed_s >= 0
@@ -165,6 +166,16 @@ def test_missing_usage_and_empty_text() -> None:
     assert (result.prompt_tokens, result.completion_tokens) == (None, None)
 
 
+def test_request_id_must_be_a_uuid() -> None:
+    recorder = Recorder(ok)
+    with recorder.client(Endpoint(A)) as client:
+        with pytest.raises(ValueError, match="UUID"):
+            client.chat(MESSAGES, request_id="conversation-7")
+        client.chat(MESSAGES, request_id=REQUEST_ID.replace("-", "").upper())
+
+    assert len(recorder.requests) == 1
+
+
 # --- routing and failover --------------------------------------------------------------------
 
 
@@ -203,11 +214,14 @@ def test_connect_error_fails_over_to_next_endpoint() -> None:
 
     recorder = Recorder(handler)
     with recorder.client(Endpoint(A), Endpoint(B)) as client:
-        result = client.chat(MESSAGES, request_id="r1")
+        result = client.chat(MESSAGES, request_id=REQUEST_ID)
 
     assert result.endpoint == B
     assert recorder.hosts == ["gpu-a", "gpu-b"]
-    assert [request.headers["X-Request-Id"] for request in recorder.requests] == ["r1", "r1"]
+    assert [request.headers["X-Request-Id"] for request in recorder.requests] == [
+        REQUEST_ID,
+        REQUEST_ID,
+    ]
 
 
 def test_connect_errors_everywhere_raise_unavailable() -> None:
@@ -269,14 +283,14 @@ def test_logs_carry_ids_and_counts_never_content() -> None:
         return httpx.Response(200, json=completion("secret reply text"))
 
     with capture_logs() as logs, Recorder(handler).client(Endpoint(A), Endpoint(B)) as client:
-        client.chat(MESSAGES, request_id="r9")
+        client.chat(MESSAGES, request_id=REQUEST_ID)
 
     assert [(entry["event"], entry["endpoint"]) for entry in logs] == [
         ("inference.error", A),
         ("inference.request", B),
     ]
     assert logs[0]["failover"] is True
-    assert logs[1]["request_id"] == "r9"
+    assert logs[1]["request_id"] == REQUEST_ID
     assert (logs[1]["prompt_tokens"], logs[1]["completion_tokens"]) == (21, 4)
     assert "secret" not in repr(logs)
 
