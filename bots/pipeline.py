@@ -9,6 +9,7 @@ model twice but can never store, or send, two replies.
 
 from __future__ import annotations
 
+import uuid
 from functools import lru_cache
 from typing import Any
 
@@ -47,6 +48,11 @@ def _client_for(spec: str, timeout: float, connect_timeout: float) -> InferenceC
     return InferenceClient(
         parse_endpoints(spec) if spec else [], timeout=timeout, connect_timeout=connect_timeout
     )
+
+
+def _request_id(message_id: int, variant: str = "") -> str:
+    """A stable UUID per message (and variant), so a retried request is recognisable in logs."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"parley:message:{message_id}:{variant}").hex
 
 
 def _mark_dead(session: Session, *, job_id: int, message_id: int, **_: Any) -> None:
@@ -100,14 +106,14 @@ def reply(*, job_id: int, message_id: int) -> None:
     reasons: list[str] = []
     try:
         result = inference_client().chat(
-            prompt.messages, params=params, model=bot_model, request_id=f"msg-{message_id}"
+            prompt.messages, params=params, model=bot_model, request_id=_request_id(message_id)
         )
         draft = result.text
     except ContextTooLong:
         # Keep the system prompt and the newest turn only; a summary arrives with memory folding.
         short = [prompt.messages[0], prompt.messages[-1]]
         result = inference_client().chat(
-            short, params=params, model=bot_model, request_id=f"msg-{message_id}-short"
+            short, params=params, model=bot_model, request_id=_request_id(message_id, "short")
         )
         draft = result.text
         prompt = memory.Prompt(short, prompt.message_ids[-1:])

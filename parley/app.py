@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import redis
 import structlog
-import swagger_ui_bundle
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,38 +30,21 @@ def create_app(
     settings: Settings | None = None, factory: sessionmaker[Session] | None = None
 ) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(
+    # Swagger UI and ReDoc assets come from the fastapi-offline wheel: no CDN is reachable.
+    app = FastAPIOffline(
         title="Parley",
         version="0.1.0",
         description="Meta messaging channels answered by self-hosted LLaMA models.",
-        docs_url=None,
-        redoc_url=None,
+        static_url="/docs-assets",
     )
     app.state.settings = settings
     app.state.sessionmaker = factory or make_sessionmaker()
     app.include_router(webhook_endpoints.router)
     if settings.sandbox and not settings.is_production:
         app.include_router(sandbox.router)
-    _install_docs(app)
     _install_errors(app)
     _install_health(app)
     return app
-
-
-def _install_docs(app: FastAPI) -> None:
-    """Swagger UI served from the app itself: no CDN is reachable from where Parley runs."""
-    assets = Path(swagger_ui_bundle.swagger_ui_path)
-    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
-
-    @app.get("/docs", include_in_schema=False)
-    def docs() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url="/openapi.json",
-            title="Parley API",
-            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-            swagger_css_url="/docs-assets/swagger-ui.css",
-            swagger_favicon_url="/docs-assets/favicon-32x32.png",
-        )
 
 
 def _install_errors(app: FastAPI) -> None:
