@@ -34,11 +34,13 @@ from moderation import canary_instruction, make_canary, screen_inbound, screen_o
 
 log = structlog.get_logger()
 
+
 def inference_client() -> InferenceClient:
     """One client (and connection pool) per process and endpoint configuration."""
     settings = get_settings()
     return _client_for(
-        settings.inference_endpoints or "", settings.inference_timeout,
+        settings.inference_endpoints or "",
+        settings.inference_timeout,
         settings.inference_connect_timeout,
     )
 

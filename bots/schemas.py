@@ -71,7 +71,9 @@ class BotsFile(_Strict):
         apps: set[str] = set()
         for i, app in enumerate(self.meta_apps):
             if app.name in apps:
-                errors.append((("meta_apps", i, "name"), f"meta app {app.name!r} is declared twice"))
+                errors.append(
+                    (("meta_apps", i, "name"), f"meta app {app.name!r} is declared twice")
+                )
             apps.add(app.name)
         bots: set[str] = set()
         seen: set[tuple[str, str]] = set()
@@ -87,8 +89,10 @@ class BotsFile(_Strict):
                 key = (channel.type, channel.external_id)
                 if key in seen:
                     errors.append(
-                        (("bots", i, "channels", j),
-                         f"{channel.type} account {channel.external_id} is declared twice")
+                        (
+                            ("bots", i, "channels", j),
+                            f"{channel.type} account {channel.external_id} is declared twice",
+                        )
                     )
                 seen.add(key)
         return errors

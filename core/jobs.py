@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, ParamSpec, Protocol
+from typing import Any, ParamSpec
 
 import structlog
 from sqlalchemy import select, update
@@ -93,8 +93,8 @@ class AlreadyDone(Exception):
     """Raised inside a job body when :func:`complete` finds the job finished by another run."""
 
 
-class DeadHandler(Protocol):
-    def __call__(self, session: Session, *, job_id: int, **payload: Any) -> None: ...
+# Called as on_dead(session, job_id=…, **payload) in the transaction that dead-letters the job.
+DeadHandler = Callable[..., None]
 
 
 def backoff(attempt: int) -> float:

@@ -96,6 +96,9 @@ def run_chat(chat: Chat, lines: Iterable[str], out: Callable[[str], None]) -> No
             continue
         if text in ("/quit", "/exit"):
             return
-        chat.send(text)
-        for reply in chat.wait_reply():
-            out(f"bot> {reply}")
+        try:
+            chat.send(text)
+            for reply in chat.wait_reply():
+                out(f"bot> {reply}")
+        except (RuntimeError, TimeoutError, httpx.HTTPError) as exc:
+            out(f"error: {exc}")

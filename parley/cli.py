@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 
 from core.config import get_settings
@@ -15,6 +16,7 @@ app = typer.Typer(
     help="Parley: WhatsApp, Messenger and Instagram answered by self-hosted LLaMA models.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
 bots_app = typer.Typer(help="Declare bots, Meta apps and channel accounts.", no_args_is_help=True)
 app.add_typer(bots_app, name="bots")
@@ -167,9 +169,19 @@ def chat(
     from parley.runtime import adopt_running_platform
 
     settings = adopt_running_platform()
-    target = find_target(account)
-    me = wa_id or new_wa_id()
-    session = Chat(api_url or f"http://{settings.api_host}:{settings.api_port}", target, me)
+    api = api_url or f"http://{settings.api_host}:{settings.api_port}"
+    try:
+        target = find_target(account)
+        session = Chat(api, target, wa_id or new_wa_id())
+    except (LookupError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except httpx.HTTPError as exc:
+        typer.echo(
+            f"error: cannot reach the API at {api} ({exc}); is `make run` running?", err=True
+        )
+        raise typer.Exit(1) from exc
+    me = session.wa_id
     if message:
         run_chat(session, message, typer.echo)
         return

@@ -12,10 +12,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from types import FrameType
 
+import httpx
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
@@ -66,12 +66,12 @@ def prepare(settings: Settings, stack: ExitStack) -> dict[str, str]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if not settings.database_url:
         say("starting embedded Postgres …")
-        pg = embedded.start_postgres(settings.data_dir / "postgres")
+        pg = embedded.start_postgres(settings.data_dir)
         stack.callback(pg.stop)
         env["DATABASE_URL"] = pg.url
     if not settings.redis_url:
         say("starting embedded Redis …")
-        rd = embedded.start_redis(settings.data_dir / "redis")
+        rd = embedded.start_redis(settings.data_dir)
         stack.callback(rd.stop)
         env["REDIS_URL"] = rd.url
     if not settings.inference_endpoints:
@@ -127,15 +127,28 @@ def run() -> int:
             procs[name] = subprocess.Popen(argv)  # noqa: S603  # our own CLI
             stack.callback(_stop, procs[name])
         api = f"http://{settings.api_host}:{settings.api_port}"
+        if not _wait_api(f"{api}/healthz", procs["api"]):
+            say("the API did not come up; see the log above")
+            return 1
         say("ready:")
         say(f"  API        {api}   (docs: {api}/docs, health: {api}/readyz)")
         say("  dashboard  arrives with the admin dashboard; until then use the API and logs")
-        say(
-            f"  chat       .venv/bin/parley chat  (WhatsApp number {DEMO_PHONE_NUMBER_ID})"
-        )
+        say(f"  chat       .venv/bin/parley chat  (WhatsApp number {DEMO_PHONE_NUMBER_ID})")
         say("  stop       Ctrl-C")
         return _supervise(procs)
     return 0
+
+
+def _wait_api(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
 
 
 def _supervise(procs: dict[str, subprocess.Popen[bytes]]) -> int:
@@ -145,9 +158,7 @@ def _supervise(procs: dict[str, subprocess.Popen[bytes]]) -> int:
         nonlocal stopping
         stopping = True
 
-    previous: dict[int, Callable[..., object] | int | None] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not stopping:
             for name, proc in procs.items():
@@ -159,4 +170,4 @@ def _supervise(procs: dict[str, subprocess.Popen[bytes]]) -> int:
         return 0
     finally:
         for sig, old in previous.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]  # restoring what signal() returned
+            signal.signal(sig, old)

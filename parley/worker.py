@@ -67,6 +67,6 @@ def install_readiness(port: int) -> None:
     if port <= 0:
         return
 
-    @worker_ready.connect(weak=False)
+    @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]  # celery is untyped
     def _start(**_: Any) -> None:
         serve_readiness(port)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -40,17 +42,19 @@ def _export(key: str, value: str) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     started: list[Any] = []
-    root = tmp_path_factory.mktemp("parley")
+    # Not under pytest's tmp dir: a concurrent pytest run resets that to mode 0700, and the
+    # embedded Postgres runs as its own system user, which must reach its data directory.
+    root = Path(tempfile.mkdtemp(prefix="parley-test-"))
     if not os.environ.get("DATABASE_URL"):
         from parley import embedded
 
-        pg = embedded.start_postgres(root / "postgres")
+        pg = embedded.start_postgres(root)
         started.append(pg)
         _export("DATABASE_URL", pg.url)
     if not os.environ.get("REDIS_URL"):
         from parley import embedded
 
-        rd = embedded.start_redis(root / "redis")
+        rd = embedded.start_redis(root)
         started.append(rd)
         _export("REDIS_URL", rd.url)
     _export("PARLEY_ENV", "development")
@@ -72,6 +76,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     _flush_prefix(get_settings())
     for service in reversed(started):
         service.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _flush_prefix(settings: Settings) -> None:

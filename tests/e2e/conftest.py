@@ -15,11 +15,10 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
 
-from core.config import Settings
 from core.db import session_scope
 from tests.support import databases
 from tests.support.factories import WhatsAppBot, create_whatsapp_bot
-from tests.support.processes import Proc, RecordingProxy, free_port, parley, wait_http
+from tests.support.processes import Proc, parley, wait_http
 from webhooks import simulator
 
 pytestmark = pytest.mark.e2e
@@ -101,8 +100,15 @@ def start_platform(env: dict[str, str], log_dir: Path, *, beat: bool = False) ->
     wait_http(f"{api}/readyz", timeout=60, proc=proc)
     platform.start(
         "worker",
-        ["worker", "--queues", "conversations,send,maintenance", "--pool", "threads",
-         "--concurrency", "4"],
+        [
+            "worker",
+            "--queues",
+            "conversations,send,maintenance",
+            "--pool",
+            "threads",
+            "--concurrency",
+            "4",
+        ],
     )
     if beat:
         platform.start("beat", ["beat"])

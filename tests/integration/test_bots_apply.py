@@ -117,7 +117,9 @@ def test_an_account_cannot_move_to_another_workspace(db: Session) -> None:
         apply_bots(db, other)
 
 
-def test_cli_apply_reports_and_is_idempotent(db: Session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_apply_reports_and_is_idempotent(
+    db: Session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from parley.cli import app
 
     for key, value in ENV.items():

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -181,7 +182,9 @@ def test_a_long_data_dir_still_gets_a_redis_socket(data_dir: Path) -> None:
 
 def test_stopping_from_a_forked_child_leaves_the_server_alone(data_dir: Path) -> None:
     with start_redis(data_dir) as rd:
-        pid = os.fork()
+        with warnings.catch_warnings():  # Python 3.12+ warns about fork() with threads around
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             rd.stop()
             os._exit(0)

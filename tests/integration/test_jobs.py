@@ -67,12 +67,29 @@ def test_relay_resends_stale_pending_jobs_once(
     factory: sessionmaker[Session], db: Session, redis_client: redis.Redis
 ) -> None:
     old = utcnow() - timedelta(minutes=5)
-    stale = OutboxJob(task="bots.reply", payload={"message_id": 9}, state="pending",
-                      attempts=0, available_at=old, created_at=old)
-    fresh = OutboxJob(task="bots.reply", payload={"message_id": 10}, state="pending",
-                      attempts=0, available_at=utcnow())
-    done = OutboxJob(task="bots.reply", payload={"message_id": 11}, state="done",
-                     attempts=1, available_at=old, created_at=old)
+    stale = OutboxJob(
+        task="bots.reply",
+        payload={"message_id": 9},
+        state="pending",
+        attempts=0,
+        available_at=old,
+        created_at=old,
+    )
+    fresh = OutboxJob(
+        task="bots.reply",
+        payload={"message_id": 10},
+        state="pending",
+        attempts=0,
+        available_at=utcnow(),
+    )
+    done = OutboxJob(
+        task="bots.reply",
+        payload={"message_id": 11},
+        state="done",
+        attempts=1,
+        available_at=old,
+        created_at=old,
+    )
     db.add_all([stale, fresh, done])
     db.commit()
     assert jobs.relay(factory) >= 1

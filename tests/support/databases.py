@@ -19,7 +19,6 @@ def url_for(name: str) -> str:
     return make_url(server_url()).set(database=name).render_as_string(hide_password=False)
 
 
-
 def create_database(prefix: str, *, template: str | None = None) -> str:
     name = f"{prefix}_{secrets.token_hex(4)}"
     engine = create_engine(server_url(), poolclass=NullPool, isolation_level="AUTOCOMMIT")

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
+from bots import repository
 from bots.schemas import BotsFile, BotSpec, ChannelSpec, GenerationSpec, MetaAppSpec
 from bots.service import apply_bots
-from bots import repository
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,9 @@ def create_whatsapp_bot(
                 history_turns=history_turns,
                 channels=[
                     ChannelSpec(
-                        type="whatsapp", app="app", phone_number_id=phone_number_id,
+                        type="whatsapp",
+                        app="app",
+                        phone_number_id=phone_number_id,
                         access_token=token,
                     )
                 ],

@@ -32,7 +32,10 @@ class Proc:
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
-            argv, env=dict(env), stdout=self._log, stderr=subprocess.STDOUT,
+            argv,
+            env=dict(env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -96,19 +99,31 @@ class RecordingProxy:
                             proxy.requests.append(json.loads(body))
                     except ValueError:
                         pass
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("host", "content-length")}
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("host", "content-length")
+                }
                 try:
-                    r = httpx.request(method, proxy.upstream + self.path, content=body,
-                                      headers=headers, timeout=120)
+                    r = httpx.request(
+                        method,
+                        proxy.upstream + self.path,
+                        content=body,
+                        headers=headers,
+                        timeout=120,
+                    )
                 except httpx.HTTPError:
                     self.send_response(502)
                     self.end_headers()
                     return
                 self.send_response(r.status_code)
                 for k, v in r.headers.items():
-                    if k.lower() not in ("content-length", "transfer-encoding", "connection",
-                                         "content-encoding"):
+                    if k.lower() not in (
+                        "content-length",
+                        "transfer-encoding",
+                        "connection",
+                        "content-encoding",
+                    ):
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(r.content)))
                 self.end_headers()

@@ -11,7 +11,7 @@ import structlog
 from pydantic import SecretStr
 
 from core.config import Environment, Settings
-from core.crypto import Keyring, KeyError_, keyring_from_settings, new_key_spec, parse_keys
+from core.crypto import KeyError_, Keyring, keyring_from_settings, new_key_spec, parse_keys
 from core.logging import configure_logging, scrub
 
 
@@ -28,15 +28,31 @@ def test_database_url_gets_the_psycopg_driver_and_empty_means_unset(
 
 
 def test_production_refuses_embedded_defaults() -> None:
-    s = Settings(env=Environment.production, database_url=None, redis_url=None,
-                 inference_endpoints=None, encryption_keys=None, sandbox=True)
+    s = Settings(
+        env=Environment.production,
+        database_url=None,
+        redis_url=None,
+        inference_endpoints=None,
+        encryption_keys=None,
+        sandbox=True,
+    )
     problems = " ".join(s.check_production())
-    for needed in ("DATABASE_URL", "REDIS_URL", "PARLEY_INFERENCE_ENDPOINTS",
-                   "PARLEY_ENCRYPTION_KEYS", "PARLEY_SANDBOX"):
+    for needed in (
+        "DATABASE_URL",
+        "REDIS_URL",
+        "PARLEY_INFERENCE_ENDPOINTS",
+        "PARLEY_ENCRYPTION_KEYS",
+        "PARLEY_SANDBOX",
+    ):
         assert needed in problems
-    ok = Settings(env=Environment.production, database_url="postgresql://x/y",
-                  redis_url="redis://x", inference_endpoints="http://gpu:8000",
-                  encryption_keys=SecretStr(new_key_spec("k1")), sandbox=False)
+    ok = Settings(
+        env=Environment.production,
+        database_url="postgresql://x/y",
+        redis_url="redis://x",
+        inference_endpoints="http://gpu:8000",
+        encryption_keys=SecretStr(new_key_spec("k1")),
+        sandbox=False,
+    )
     assert ok.check_production() == []
 
 
@@ -62,9 +78,7 @@ def old_spec(ring: Keyring) -> str:
     return f"{kid}:{base64.urlsafe_b64encode(key).decode()}"
 
 
-@pytest.mark.parametrize(
-    "spec", ["", "nokey", "k1:notbase64!!", "k1:" + "A" * 10, ":abc"]
-)
+@pytest.mark.parametrize("spec", ["", "nokey", "k1:notbase64!!", "k1:" + "A" * 10, ":abc"])
 def test_bad_key_specs_are_refused(spec: str) -> None:
     with pytest.raises(KeyError_):
         parse_keys(spec)
@@ -77,8 +91,9 @@ def test_development_key_is_generated_once_with_private_mode(tmp_path: Path) -> 
     assert first == second
     assert (tmp_path / "encryption-keys").stat().st_mode & 0o077 == 0
     with pytest.raises(KeyError_):
-        keyring_from_settings(Settings(env=Environment.production, data_dir=tmp_path,
-                                       encryption_keys=None))
+        keyring_from_settings(
+            Settings(env=Environment.production, data_dir=tmp_path, encryption_keys=None)
+        )
 
 
 def test_pseudonyms_are_stable_and_keyed() -> None:
@@ -104,7 +119,10 @@ def test_scrub(text: str, expected: str) -> None:
 def test_logs_drop_sensitive_keys_and_scrub_values(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("INFO", "json")
     structlog.get_logger("t").info(
-        "pipeline.test", body="secret body", access_token="EAA123", note="from +1 650 555 1234",
+        "pipeline.test",
+        body="secret body",
+        access_token="EAA123",
+        note="from +1 650 555 1234",
         message_id=7,
     )
     logging.getLogger("celery").warning("stdlib line with ana@example.com")

@@ -32,9 +32,11 @@ def test_batch_yields_every_event_with_contacts_matched_by_id() -> None:
     )
     assert isinstance(events[1], Unhandled) and events[1].reason == "message_type:image"
     assert events[2] == StatusUpdate(
-        channel="whatsapp", account_id="106540352242922",
+        channel="whatsapp",
+        account_id="106540352242922",
         message_id="wamid.HBgLMTY0NjcwNDM1OTUVAgARGBI1QjJGRjI0RUQ2RTBBQ0YwMzgA",
-        status="failed", timestamp=datetime(2025, 6, 18, 16, 22, 53, tzinfo=UTC),
+        status="failed",
+        timestamp=datetime(2025, 6, 18, 16, 22, 53, tzinfo=UTC),
         error_code=131047,
     )
     assert isinstance(events[3], Unhandled) and events[3].reason == "field:user_preferences"
@@ -49,11 +51,32 @@ def test_batch_yields_every_event_with_contacts_matched_by_id() -> None:
         ({"object": "whatsapp_business_account"}, "no_entries"),
         ({"object": "whatsapp_business_account", "entry": [1]}, "malformed_entry"),
         ({"object": "whatsapp_business_account", "entry": [{"changes": [7]}]}, "malformed_change"),
-        ({"object": "whatsapp_business_account",
-          "entry": [{"changes": [{"field": "messages", "value": {}}]}]}, "malformed_value"),
-        ({"object": "whatsapp_business_account", "entry": [{"changes": [
-            {"field": "messages", "value": {"metadata": {"phone_number_id": "1"},
-                                            "messages": [{"id": "x"}]}}]}]}, "malformed_message"),
+        (
+            {
+                "object": "whatsapp_business_account",
+                "entry": [{"changes": [{"field": "messages", "value": {}}]}],
+            },
+            "malformed_value",
+        ),
+        (
+            {
+                "object": "whatsapp_business_account",
+                "entry": [
+                    {
+                        "changes": [
+                            {
+                                "field": "messages",
+                                "value": {
+                                    "metadata": {"phone_number_id": "1"},
+                                    "messages": [{"id": "x"}],
+                                },
+                            }
+                        ]
+                    }
+                ],
+            },
+            "malformed_message",
+        ),
     ],
 )
 def test_odd_shapes_become_unhandled_events(payload: object, reason: str) -> None:
@@ -63,7 +86,9 @@ def test_odd_shapes_become_unhandled_events(payload: object, reason: str) -> Non
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
     max_leaves=30,
 )
 
@@ -76,20 +101,42 @@ def test_parser_never_raises_on_arbitrary_json(value: object) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(json_values.map(lambda v: {"object": "whatsapp_business_account", "entry": [
-    {"changes": [{"field": "messages", "value": {"metadata": {"phone_number_id": "1"},
-                                                  "messages": v, "statuses": v}}]}]}))
+@given(
+    json_values.map(
+        lambda v: {
+            "object": "whatsapp_business_account",
+            "entry": [
+                {
+                    "changes": [
+                        {
+                            "field": "messages",
+                            "value": {
+                                "metadata": {"phone_number_id": "1"},
+                                "messages": v,
+                                "statuses": v,
+                            },
+                        }
+                    ]
+                }
+            ],
+        }
+    )
+)
 def test_parser_never_raises_inside_a_well_formed_envelope(value: object) -> None:
     whatsapp.parse(value)
 
 
 def test_send_request_shape() -> None:
-    path, body = whatsapp.build_text_send(phone_number_id="123", to="447700900000", text="hi",
-                                          reply_to="wamid.X")
+    path, body = whatsapp.build_text_send(
+        phone_number_id="123", to="447700900000", text="hi", reply_to="wamid.X"
+    )
     assert path == "123/messages"
     assert body == {
-        "messaging_product": "whatsapp", "recipient_type": "individual", "to": "447700900000",
-        "type": "text", "text": {"preview_url": False, "body": "hi"},
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": "447700900000",
+        "type": "text",
+        "text": {"preview_url": False, "body": "hi"},
         "context": {"message_id": "wamid.X"},
     }
     assert whatsapp.sent_message_id({"messages": [{"id": "wamid.Y"}]}) == "wamid.Y"
@@ -116,8 +163,11 @@ def test_error_classification(status: int, body: object, kind: str) -> None:
 
 
 @settings(max_examples=1000, deadline=None)
-@given(body=st.binary(max_size=512), secret=st.text(min_size=1, max_size=40),
-       flip=st.integers(min_value=0, max_value=10_000))
+@given(
+    body=st.binary(max_size=512),
+    secret=st.text(min_size=1, max_size=40),
+    flip=st.integers(min_value=0, max_value=10_000),
+)
 def test_signature_verifies_exactly_the_hmac(body: bytes, secret: str, flip: int) -> None:
     header = meta.sign(body, secret)
     assert header == "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()

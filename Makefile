@@ -1,0 +1,25 @@
+# Every target is one line; the scripts hold the logic. `make help` lists them.
+V := .venv/bin
+
+.PHONY: help venv run check test migrate bench
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' Makefile | awk -F':.*## ' '{ printf "  make %-8s %s\n", $$1, $$2 }'
+
+venv: ## create or update .venv (compiles llama.cpp once; no-op when up to date)
+	@scripts/setup-venv
+
+run: ## start everything on the embedded defaults and print where to look
+	@scripts/setup-venv && $(V)/parley run
+
+check: venv ## format check, lint, types, import contracts
+	$(V)/ruff format --check . && $(V)/ruff check . && $(V)/mypy . && $(V)/lint-imports
+
+test: ## chromium if missing, check, then every test tier
+	@scripts/test
+
+migrate: venv ## apply database migrations (DATABASE_URL, or the embedded Postgres)
+	$(V)/parley migrate
+
+bench: venv ## run every benchmark in bench/ (none run in CI)
+	@n=0; for f in bench/[!_]*.py; do [ -e "$$f" ] || continue; n=1; echo "==> $$f"; $(V)/python -m "bench.$$(basename "$$f" .py)" || exit 1; done; [ $$n = 1 ] || echo "no benchmarks yet"
