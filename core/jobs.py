@@ -41,10 +41,10 @@ def enqueue(session: Session, task: str, **payload: Any) -> OutboxJob:
     return job
 
 
-def send_now(task: str, job_id: int) -> bool:
+def send_now(task: str, job_id: int, countdown: float | None = None) -> bool:
     """Ring the doorbell for one job; never raises (the relay retries what this cannot send)."""
     try:
-        celery_app.send_task(task, kwargs={"job_id": job_id}, retry=False)
+        celery_app.send_task(task, kwargs={"job_id": job_id}, retry=False, countdown=countdown)
     except Exception as exc:  # noqa: BLE001  # any broker failure is recovered by the relay
         log.warning("jobs.enqueue_failed", task=task, job_id=job_id, error=type(exc).__name__)
         return False
@@ -93,6 +93,21 @@ class AlreadyDone(Exception):
     """Raised inside a job body when :func:`complete` finds the job finished by another run."""
 
 
+class Defer(Exception):
+    """Raised inside a job body that cannot proceed yet (a lease is held, a debounce window is
+    open, an earlier chunk is not sent): run it again in ``seconds`` without spending an attempt.
+    """
+
+    def __init__(self, seconds: float, reason: str) -> None:
+        super().__init__(reason)
+        self.seconds = max(0.05, seconds)
+        self.reason = reason
+
+
+# Celery countdowns stay well under the visibility timeout; longer waits go through the relay.
+MAX_COUNTDOWN = 30.0
+
+
 # Called as on_dead(session, job_id=…, **payload) in the transaction that dead-letters the job.
 DeadHandler = Callable[..., None]
 
@@ -135,6 +150,19 @@ def run_job(
         body(job_id=job_id, **payload)
     except AlreadyDone:
         return "duplicate"
+    except Defer as defer:
+        with session_scope(factory) as session:
+            session.execute(
+                update(OutboxJob)
+                .where(OutboxJob.id == job_id, OutboxJob.state == "pending")
+                .values(
+                    attempts=OutboxJob.attempts - 1,
+                    available_at=utcnow() + timedelta(seconds=defer.seconds),
+                )
+            )
+        if defer.seconds <= MAX_COUNTDOWN:
+            send_now(task, job_id, countdown=defer.seconds)
+        return "deferred"
     except Exception as exc:
         delay = backoff(attempts)
         with session_scope(factory) as session:

@@ -5,9 +5,13 @@ from core.models.bot import Bot
 from core.models.channel_account import ChannelAccount
 from core.models.contact import Contact
 from core.models.conversation import Conversation
+from core.models.conversation_lease import ConversationLease
 from core.models.message import Message
 from core.models.meta_app import MetaApp
+from core.models.notice import Notice
+from core.models.outbound_chunk import OutboundChunk
 from core.models.outbox import OutboxJob
+from core.models.outcome import OUTCOME_KINDS, Outcome
 from core.models.unhandled_event import UnhandledEvent
 from core.models.workspace import Workspace
 
@@ -17,9 +21,14 @@ __all__ = [
     "ChannelAccount",
     "Contact",
     "Conversation",
+    "ConversationLease",
     "EncryptedText",
     "Message",
     "MetaApp",
+    "Notice",
+    "OUTCOME_KINDS",
+    "OutboundChunk",
+    "Outcome",
     "OutboxJob",
     "UnhandledEvent",
     "Workspace",

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Identity, UniqueConstraint
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Identity, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from core.models.base import Base, CreatedAt
@@ -24,3 +24,7 @@ class Conversation(CreatedAt, Base):
         ForeignKey("contacts.id", ondelete="CASCADE"), index=True
     )
     last_inbound_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # bot | human | paused. While not "bot" the bot stays silent; see bots/policy.py.
+    mode: Mapped[str] = mapped_column(String(8), server_default="bot")
+    mode_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    flagged: Mapped[str | None] = mapped_column(String(64))  # why moderators should look
