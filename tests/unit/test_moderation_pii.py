@@ -363,3 +363,43 @@ def test_redact_clips_spans_outside_the_text() -> None:
         Finding(PiiType.EMAIL, 5, 5),
     ]
     assert redact("0123456789", findings) == "<PHONE>234567<CARD>"
+
+
+# --- PII glued together ------------------------------------------------------------------------
+
+GLUED = [
+    (
+        "0151 23456789+4930123456",
+        [(PiiType.PHONE, "0151 23456789"), (PiiType.PHONE, "+4930123456")],
+    ),
+    ("a@b.de+4915123456789", [(PiiType.EMAIL, "a@b.de"), (PiiType.PHONE, "+4915123456789")]),
+    ("a@b.de.x.y@ex.co.uk", [(PiiType.EMAIL, "a@b.de"), (PiiType.EMAIL, "x.y@ex.co.uk")]),
+    ("(201) 555-0123 0.0@0.aa", [(PiiType.PHONE, "(201) 555-0123"), (PiiType.EMAIL, "0.0@0.aa")]),
+    ("(201) 555-0123 0a@b.de", [(PiiType.PHONE, "(201) 555-0123"), (PiiType.EMAIL, "0a@b.de")]),
+    ("1234567890123@numbers.example", [(PiiType.EMAIL, "1234567890123@numbers.example")]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), GLUED)
+def test_pii_glued_together(text: str, expected: list[tuple[PiiType, str]]) -> None:
+    assert found(text) == expected
+
+
+# Inputs on which an earlier version left something for a second pass to find.
+SECOND_PASS = [
+    "x.y@ex.co.uk-010 123 4567-%-555)",
+    "+3212345678,a@b.de.x.y@ex.co.uk.030)",
+    "074104 10123+34612345678 - 23456789  ab +32450001234@ab.",
+    ".@a@b.de.07400 123456)555/+33123456789  01512 3456789)",
+    "( - +351912345678-x.y@ex.co.ukx+917410410123)+91 81234 56789 - x.y@ex.co.uk.",
+    "x.y@ex.co.uk٣06 12 34 56 78(201) 555-0123@0958(+441212345678.",
+    "(201) 555-0123@+5511961234567 a@b.dex.+12015550123xx.y@ex.co.uk.",
+    "a@b.dex%-a@b.dex",
+    "01 23 45 67 89012 34 56 78\xa023456789٣.a@b.dex",
+]
+
+
+@pytest.mark.parametrize("text", SECOND_PASS)
+def test_redacted_text_has_nothing_left(text: str) -> None:
+    assert find_pii(text)
+    assert find_pii(redact(text, find_pii(text))) == []
