@@ -1,38 +1,56 @@
-"""The reply pipeline, run by the ``conversations`` lane for each inbound message:
+"""The reply pipeline, run by the ``conversations`` lane.
 
-screen in (PII → placeholders) → memory → model → screen out → store the reply → enqueue send.
+A ``bots.reply`` job names one inbound message, but the work is per conversation: the job takes
+the conversation's lease and answers every pending message of it, oldest first (provider
+timestamp, then arrival), one turn at a time. A burst of messages that arrive within the bot's
+burst window is answered once, with all of it in the prompt. Each turn:
 
-No transaction is open while the model runs. The reply is stored in the same transaction that
-marks the job done, and ``messages.reply_to_id`` is unique, so a redelivered task can call the
-model twice but can never store, or send, two replies.
+policy (blocked, opt-out/opt-in, "talk to a human", human mode, limits, 24-hour window)
+→ screen in (PII → placeholders) → memory → model → screen out → ONE transaction: the reply,
+an outcome row for every message it answers, and the send job.
+
+Invariants: every inbound message ends with exactly one ``outcomes`` row (primary key
+``inbound_id``); no transaction is open while the model runs; a write made under the lease
+re-checks it, so a worker paused past its lease cannot answer a conversation another worker
+took over; the reply is stored before it is sent, so a redelivered task re-sends the stored text.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
 import structlog
 from sqlalchemy import update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from bots import memory, repository
+from bots import lease, memory, repository
+from bots.policy import Policy, asks_for_human, detect_language, is_command, policy_of
 from core import jobs
 from core.config import get_settings
 from core.db import session_scope
-from core.models import Message
+from core.models import Contact, Conversation, Message, Notice, Outcome, utcnow
 from inference import (
     BadRequest,
     ContextTooLong,
     GenerationParams,
     InferenceClient,
+    Timeout,
+    Unavailable,
     parse_endpoints,
 )
 from moderation import canary_instruction, make_canary, screen_inbound, screen_outbound
 
 log = structlog.get_logger()
+
+
+class LeaseLost(Exception):
+    """Another worker took the conversation over (this one was paused past its lease)."""
 
 
 def inference_client() -> InferenceClient:
@@ -52,119 +70,460 @@ def _client_for(spec: str, timeout: float, connect_timeout: float) -> InferenceC
     )
 
 
+def lease_seconds() -> float:
+    """Longer than one model call can take, so a live worker never loses its lease."""
+    return get_settings().inference_timeout * 1.5 + 15
+
+
 def _request_id(message_id: int, variant: str = "") -> str:
     """A stable UUID per message (and variant), so a retried request is recognisable in logs."""
     return uuid.uuid5(uuid.NAMESPACE_URL, f"parley:message:{message_id}:{variant}").hex
 
 
+# --- the job ------------------------------------------------------------------------------------
+
+
 def _mark_dead(session: Session, *, job_id: int, message_id: int, **_: Any) -> None:
+    row = repository.message_conversation(session, message_id)
+    if row is None or row[1]:
+        return
     session.execute(
-        update(Message)
-        .where(Message.id == message_id, Message.status == "received")
-        .values(status="dead", last_error="reply attempts exhausted")
+        insert(Outcome)
+        .values(
+            inbound_id=message_id, conversation_id=row[0], kind="dead", detail="attempts exhausted"
+        )
+        .on_conflict_do_nothing()
     )
-
-
-def _screen_turns(turns: list[Message]) -> None:
-    for turn in turns:
-        if turn.body_redacted is None and turn.body is not None:
-            verdict = screen_inbound(turn.body)
-            turn.body_redacted = verdict.redacted
-            turn.verdict = {"reasons": list(verdict.reasons), "action": verdict.action}
+    session.execute(update(Message).where(Message.id == message_id).values(status="dead"))
 
 
 @jobs.job("bots.reply", on_dead=_mark_dead)
 def reply(*, job_id: int, message_id: int) -> None:
     with session_scope() as session:
-        context = repository.reply_context(session, message_id)
-        if context is None or context.message.status != "received":
+        found = repository.message_conversation(session, message_id)
+        if found is None or found[1]:
             if not jobs.complete(session, job_id):
                 raise jobs.AlreadyDone
             return
-        bot, conversation = context.bot, context.conversation
-        turns = repository.recent_turns(
-            session, conversation.id, message_id, max(1, bot.history_turns)
+        conversation_id = found[0]
+        holder = f"{job_id}-{uuid.uuid4().hex[:12]}"
+        if not lease.acquire(session, conversation_id, holder, lease_seconds()):
+            raise jobs.Defer(1.0, "conversation busy")
+    try:
+        while _turn(conversation_id, holder):
+            pass
+    except LeaseLost as exc:
+        raise jobs.Defer(1.0, "lease lost") from exc
+    finally:
+        with session_scope() as session:
+            lease.release(session, conversation_id, holder)
+    with session_scope() as session:
+        found = repository.message_conversation(session, message_id)
+        if found is not None and not found[1]:
+            raise jobs.Defer(0.5, "message still pending")
+        if not jobs.complete(session, job_id):
+            raise jobs.AlreadyDone
+
+
+# --- one turn -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Draft:
+    """What a turn needs from the database to ask the model."""
+
+    conversation_id: int
+    workspace_id: int
+    channel: str
+    batch: list[int]
+    newest_ts: datetime
+    oldest_created: datetime
+    language: str | None
+    prompt: memory.Prompt
+    params: GenerationParams
+    model: str | None
+    canary: str
+    system_prompt: str
+    fallback: str
+    user_text: str
+    policy: Policy
+    first_reply: bool
+
+
+def _turn(conversation_id: int, holder: str) -> bool:
+    """Handle the oldest pending message(s) of the conversation. False when none is pending."""
+    now = utcnow()
+    with session_scope() as session:
+        ctx = repository.conversation_context(session, conversation_id)
+        pending = repository.pending_inbound(session, conversation_id)
+        if not pending:
+            return False
+        policy = policy_of(ctx.bot.extra)
+        newest_arrival = max(m.created_at for m in pending)
+        wait = policy.burst_window_seconds - (now - newest_arrival).total_seconds()
+        if wait > 0:
+            raise jobs.Defer(wait, "burst window open")
+        _screen(session, pending, ctx.contact)
+        if _apply_policy(session, ctx.conversation, ctx.contact, pending, policy, now):
+            _check_lease(session, conversation_id, holder)
+            return True
+        draft = _draft(session, ctx, pending, policy)
+    return _answer(draft, holder)
+
+
+def _screen(session: Session, pending: Sequence[Message], contact: Contact) -> None:
+    for message in pending:
+        if message.body_redacted is None and message.body is not None:
+            verdict = screen_inbound(message.body)
+            message.body_redacted = verdict.redacted
+            message.verdict = {"reasons": list(verdict.reasons), "action": verdict.action}
+            message.language = detect_language(message.body)
+            if message.language:
+                contact.language = message.language
+    session.flush()
+
+
+def _check_lease(session: Session, conversation_id: int, holder: str) -> None:
+    if not lease.still_held(session, conversation_id, holder):
+        raise LeaseLost
+
+
+def _settle(
+    session: Session,
+    conversation_id: int,
+    batch: Sequence[Message],
+    kind: str,
+    *,
+    reply_id: int | None = None,
+    detail: str | None = None,
+) -> None:
+    """One outcome per message of the batch, or nothing (the caller's transaction rolls back)."""
+    ids = [m.id for m in batch]
+    written = (
+        session.execute(
+            insert(Outcome)
+            .values(
+                [
+                    {
+                        "inbound_id": i,
+                        "conversation_id": conversation_id,
+                        "kind": kind,
+                        "reply_id": reply_id,
+                        "detail": detail,
+                    }
+                    for i in ids
+                ]
+            )
+            .on_conflict_do_nothing()
+            .returning(Outcome.inbound_id)
         )
-        _screen_turns(turns)
-        canary = make_canary(bot.canary_seed)
-        prompt = memory.build_prompt(bot, turns, canary_line=canary_instruction(canary))
-        user_text = context.message.body or ""
-        params = GenerationParams(
+        .scalars()
+        .all()
+    )
+    if len(written) != len(ids):
+        raise LeaseLost  # another run settled some of them: roll back and look again
+    session.execute(update(Message).where(Message.id.in_(ids)).values(status=kind))
+
+
+def _notice(
+    session: Session,
+    conversation: Conversation,
+    kind: str,
+    episode: str,
+    text: str,
+    *,
+    channel: str,
+) -> int | None:
+    """Queue a fixed text at most once per conversation and episode; returns its message id."""
+    notice_id = session.execute(
+        insert(Notice)
+        .values(conversation_id=conversation.id, kind=kind, episode=episode)
+        .on_conflict_do_nothing()
+        .returning(Notice.id)
+    ).scalar()
+    if notice_id is None:
+        return None
+    message = Message(
+        workspace_id=conversation.workspace_id,
+        conversation_id=conversation.id,
+        direction="out",
+        channel=channel,
+        kind="notice",
+        body=text,
+        body_redacted=text,
+        status="pending",
+        attempts=0,
+        verdict={"notice": kind},
+    )
+    session.add(message)
+    session.flush()
+    session.execute(update(Notice).where(Notice.id == notice_id).values(message_id=message.id))
+    jobs.enqueue(session, "webhooks.send", message_id=message.id)
+    log.info("pipeline.notice", conversation_id=conversation.id, kind=kind, message_id=message.id)
+    return message.id
+
+
+def _apply_policy(
+    session: Session,
+    conversation: Conversation,
+    contact: Contact,
+    pending: list[Message],
+    policy: Policy,
+    now: datetime,
+) -> bool:
+    """Settle the batch without the model when a rule says so; True when it did."""
+    channel = pending[0].channel
+    lang = contact.language
+    first = pending[0]
+    if contact.blocked_at is not None:
+        _settle(session, conversation.id, pending, "blocked", detail="contact blocked")
+        return True
+    stop = next((m for m in pending if is_command(m.body or "", policy.opt_out_keywords)), None)
+    if stop is not None:
+        if contact.opted_out_at is None:
+            contact.opted_out_at = now
+            _notice(
+                session,
+                conversation,
+                "opt_out",
+                f"opt_out:{stop.id}",
+                policy.notice("opt_out", lang),
+                channel=channel,
+            )
+        _settle(session, conversation.id, pending, "opted_out")
+        return True
+    if contact.opted_out_at is not None:
+        if is_command(first.body or "", policy.opt_in_keywords):
+            contact.opted_out_at = None
+            _notice(
+                session,
+                conversation,
+                "opt_in",
+                f"opt_in:{first.id}",
+                policy.notice("opt_in", lang),
+                channel=channel,
+            )
+            _settle(session, conversation.id, [first], "notice", detail="opted in")
+        else:
+            _settle(session, conversation.id, pending, "opted_out")
+        return True
+    if any(asks_for_human(m.body or "", policy.human_keywords) for m in pending):
+        conversation.mode, conversation.mode_changed_at = "human", now
+        conversation.flagged = "human_requested"
+        _notice(
+            session,
+            conversation,
+            "human",
+            f"human:{pending[-1].id}",
+            policy.notice("human", lang),
+            channel=channel,
+        )
+        _settle(session, conversation.id, pending, "human_mode", detail="asked for a human")
+        return True
+    if conversation.mode != "bot":
+        last_human = repository.last_human_message_at(session, conversation.id)
+        since = (
+            max(t for t in (conversation.mode_changed_at, last_human) if t is not None)
+            if (conversation.mode_changed_at or last_human)
+            else now
+        )
+        idle = timedelta(minutes=policy.human_idle_timeout_minutes)
+        if conversation.mode == "human" and now - since >= idle:
+            conversation.mode, conversation.mode_changed_at = "bot", now
+            log.info("pipeline.human_mode_expired", conversation_id=conversation.id)
+        else:
+            _settle(session, conversation.id, pending, "human_mode", detail=conversation.mode)
+            return True
+    if _over_limits(session, conversation, contact, pending, policy, now):
+        return True
+    newest = max(m.provider_ts or m.created_at for m in pending)
+    if now - newest > timedelta(hours=policy.window_hours):
+        _settle(session, conversation.id, pending, "window_expired")
+        return True
+    return False
+
+
+def _over_limits(
+    session: Session,
+    conversation: Conversation,
+    contact: Contact,
+    pending: list[Message],
+    policy: Policy,
+    now: datetime,
+) -> bool:
+    limits = policy.limits
+    per_minute = repository.inbound_count_since(session, contact.id, now - timedelta(minutes=1))
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if per_minute > limits.messages_per_minute:
+        episode, detail = f"rate:{now:%Y%m%d%H}", "messages per minute"
+    elif repository.tokens_since(session, contact.id, day) >= limits.tokens_per_day:
+        episode, detail = f"tokens:{now:%Y%m%d}", "tokens per day"
+    else:
+        return False
+    _notice(
+        session,
+        conversation,
+        "limit",
+        episode,
+        policy.notice("limit", contact.language),
+        channel=pending[0].channel,
+    )
+    _settle(session, conversation.id, pending, "limited", detail=detail)
+    if (
+        repository.notices_since(session, conversation.id, "limit", day)
+        >= limits.propose_block_after
+    ):
+        conversation.flagged = "propose_block"
+    return True
+
+
+def _draft(
+    session: Session,
+    ctx: repository.ConversationContext,
+    pending: list[Message],
+    policy: Policy,
+) -> Draft:
+    bot = ctx.bot
+    turns = repository.history(
+        session, ctx.conversation.id, min(m.id for m in pending), bot.history_turns
+    )
+    canary = make_canary(bot.canary_seed)
+    prompt = memory.build_prompt(bot, [*turns, *pending], canary_line=canary_instruction(canary))
+    return Draft(
+        conversation_id=ctx.conversation.id,
+        workspace_id=ctx.conversation.workspace_id,
+        channel=pending[0].channel,
+        batch=[m.id for m in pending],
+        newest_ts=max(m.provider_ts or m.created_at for m in pending),
+        oldest_created=min(m.created_at for m in pending),
+        language=ctx.contact.language,
+        prompt=prompt,
+        params=GenerationParams(
             temperature=bot.temperature,
             max_tokens=bot.max_tokens,
             top_p=bot.top_p,
             stop=tuple(bot.stop),
             seed=bot.seed,
-        )
-        bot_model, system_prompt, fallback = bot.model, bot.system_prompt, bot.fallback_reply
-        workspace_id, conversation_id = conversation.workspace_id, conversation.id
-    log.info(
-        "pipeline.prompt",
-        message_id=message_id,
-        conversation_id=conversation_id,
-        turns=len(prompt.message_ids),
+        ),
+        model=bot.model,
+        canary=canary,
+        system_prompt=bot.system_prompt,
+        fallback=bot.fallback_reply,
+        user_text="\n".join(m.body or "" for m in pending),
+        policy=policy,
+        first_reply=not repository.has_bot_reply(session, ctx.conversation.id),
     )
 
-    reasons: list[str] = []
+
+def _ask_model(draft: Draft) -> tuple[str, list[str], int, memory.Prompt]:
+    """The model's draft reply, reasons, tokens used and the prompt actually sent."""
+    client, last = inference_client(), draft.batch[-1]
+    prompt = draft.prompt
     try:
-        result = inference_client().chat(
-            prompt.messages, params=params, model=bot_model, request_id=_request_id(message_id)
+        result = client.chat(
+            prompt.messages, params=draft.params, model=draft.model, request_id=_request_id(last)
         )
-        draft = result.text
     except ContextTooLong:
-        # Keep the system prompt and the newest turn only; a summary arrives with memory folding.
-        short = [prompt.messages[0], prompt.messages[-1]]
-        result = inference_client().chat(
-            short, params=params, model=bot_model, request_id=_request_id(message_id, "short")
+        # Keep the system prompt and the newest turn; folding into a summary comes with memory.
+        prompt = memory.Prompt([prompt.messages[0], prompt.messages[-1]], draft.batch[-1:])
+        result = client.chat(
+            prompt.messages,
+            params=draft.params,
+            model=draft.model,
+            request_id=_request_id(last, "short"),
         )
-        draft = result.text
-        prompt = memory.Prompt(short, prompt.message_ids[-1:])
     except BadRequest as exc:
-        draft = ""
-        reasons.append("model.bad_request")
-        log.warning("pipeline.model_rejected", message_id=message_id, error=str(exc)[:200])
+        log.warning("pipeline.model_rejected", message_id=last, error=str(exc)[:200])
+        return "", ["model.bad_request"], 0, prompt
+    tokens = (result.prompt_tokens or 0) + (result.completion_tokens or 0)
+    return result.text, [], tokens, prompt
 
-    verdict = screen_outbound(
-        draft, canary=canary, user_text=user_text, system_prompt=system_prompt
-    )
-    reasons.extend(verdict.reasons)
-    text = verdict.text if verdict.allowed else fallback
-    action = "send" if verdict.allowed else "fallback"
-    redacted = screen_inbound(text).redacted
 
+def _answer(draft: Draft, holder: str) -> bool:
     try:
-        with session_scope() as session:
-            if not jobs.complete(session, job_id):
-                raise jobs.AlreadyDone
-            out = Message(
-                workspace_id=workspace_id,
-                conversation_id=conversation_id,
-                direction="out",
-                channel=context.message.channel,
-                kind="text",
-                body=text,
-                body_redacted=redacted,
-                status="pending",
-                reply_to_id=message_id,
-                prompt_message_ids=prompt.message_ids,
-                verdict={"reasons": reasons, "action": action},
-                attempts=0,
+        text, reasons, tokens, prompt = _ask_model(draft)
+    except (Unavailable, Timeout) as exc:
+        _model_down(draft, holder, exc)
+        raise AssertionError("unreachable") from exc  # _model_down always raises
+    verdict = screen_outbound(
+        text, canary=draft.canary, user_text=draft.user_text, system_prompt=draft.system_prompt
+    )
+    reasons = [*reasons, *verdict.reasons]
+    allowed = verdict.allowed
+    body = verdict.text if allowed else draft.fallback
+    with session_scope() as session:
+        _check_lease(session, draft.conversation_id, holder)
+        conversation = session.get(Conversation, draft.conversation_id)
+        assert conversation is not None
+        pending = [session.get(Message, i) for i in draft.batch]
+        batch = [m for m in pending if m is not None]
+        if utcnow() - draft.newest_ts > timedelta(hours=draft.policy.window_hours):
+            _settle(session, draft.conversation_id, batch, "window_expired")
+            return True
+        if draft.first_reply and draft.policy.disclose_ai:
+            _notice(
+                session,
+                conversation,
+                "disclosure",
+                "first",
+                draft.policy.notice("disclosure", draft.language),
+                channel=draft.channel,
             )
-            session.add(out)
-            session.execute(
-                update(Message)
-                .where(Message.id == message_id, Message.status == "received")
-                .values(status="replied")
-            )
-            session.flush()
-            jobs.enqueue(session, "webhooks.send", message_id=out.id)
-    except IntegrityError as exc:
-        raise jobs.AlreadyDone from exc
+        out = Message(
+            workspace_id=draft.workspace_id,
+            conversation_id=draft.conversation_id,
+            direction="out",
+            channel=draft.channel,
+            kind="text",
+            body=body,
+            body_redacted=screen_inbound(body).redacted,
+            status="pending",
+            reply_to_id=draft.batch[-1],
+            prompt_message_ids=prompt.message_ids,
+            verdict={
+                "reasons": reasons,
+                "action": "send" if allowed else "fallback",
+                "tokens": tokens,
+            },
+            attempts=0,
+        )
+        session.add(out)
+        session.flush()
+        _settle(session, draft.conversation_id, batch, "replied", reply_id=out.id)
+        jobs.enqueue(session, "webhooks.send", message_id=out.id)
     log.info(
         "pipeline.replied",
-        message_id=message_id,
-        conversation_id=conversation_id,
+        conversation_id=draft.conversation_id,
         reply_id=out.id,
-        action=action,
+        answers=len(draft.batch),
+        action="send" if allowed else "fallback",
         reasons=reasons,
     )
+    return True
+
+
+def _model_down(draft: Draft, holder: str, exc: Exception) -> None:
+    """Messages wait for the model; after a while the user gets one holding notice."""
+    waited = (utcnow() - draft.oldest_created).total_seconds()
+    if waited >= draft.policy.holding_after_seconds:
+        with session_scope() as session:
+            _check_lease(session, draft.conversation_id, holder)
+            conversation = session.get(Conversation, draft.conversation_id)
+            assert conversation is not None
+            _notice(
+                session,
+                conversation,
+                "holding",
+                f"outage:{draft.batch[0]}",
+                draft.policy.notice("holding", draft.language),
+                channel=draft.channel,
+            )
+    delay = min(30.0, max(1.0, waited / 4))
+    log.warning(
+        "pipeline.model_unavailable",
+        conversation_id=draft.conversation_id,
+        error=type(exc).__name__,
+        waited=round(waited, 1),
+        retry_in=delay,
+    )
+    raise jobs.Defer(delay, "model unavailable")

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core.models import Bot, ChannelAccount, Conversation, Message, MetaApp, Workspace
+from core.models import (
+    Bot,
+    ChannelAccount,
+    Contact,
+    Conversation,
+    Message,
+    MetaApp,
+    Notice,
+    Outcome,
+    Workspace,
+)
 
 
 def workspace_by_name(session: Session, name: str) -> Workspace | None:
@@ -38,32 +49,69 @@ def channel_account(session: Session, channel: str, external_id: str) -> Channel
     ).one_or_none()
 
 
-@dataclass(frozen=True)
-class ReplyContext:
-    message: Message
-    conversation: Conversation
-    bot: Bot
-
-
-def reply_context(session: Session, message_id: int) -> ReplyContext | None:
+def message_conversation(session: Session, message_id: int) -> tuple[int, bool] | None:
+    """(conversation id, whether the message already has its outcome) for an inbound message."""
     row = session.execute(
-        select(Message, Conversation, Bot)
-        .join(Conversation, Conversation.id == Message.conversation_id)
-        .join(Bot, Bot.id == Conversation.bot_id)
+        select(Message.conversation_id, Outcome.inbound_id)
+        .outerjoin(Outcome, Outcome.inbound_id == Message.id)
         .where(Message.id == message_id, Message.direction == "in")
     ).first()
-    return None if row is None else ReplyContext(*row)
+    return None if row is None else (row[0], row[1] is not None)
 
 
-def recent_turns(session: Session, conversation_id: int, upto_id: int, limit: int) -> list[Message]:
-    """The last ``limit`` messages of the conversation up to and including ``upto_id``, oldest
-    first, leaving out outbound messages that never went out."""
+@dataclass(frozen=True)
+class ConversationContext:
+    conversation: Conversation
+    bot: Bot
+    contact: Contact
+
+
+def conversation_context(session: Session, conversation_id: int) -> ConversationContext:
+    conversation, bot, contact = session.execute(
+        select(Conversation, Bot, Contact)
+        .join(Bot, Bot.id == Conversation.bot_id)
+        .join(Contact, Contact.id == Conversation.contact_id)
+        .where(Conversation.id == conversation_id)
+    ).one()
+    return ConversationContext(conversation, bot, contact)
+
+
+def pending_inbound(session: Session, conversation_id: int) -> list[Message]:
+    """Inbound messages without an outcome, in order: provider timestamp, then arrival."""
+    return list(
+        session.scalars(
+            select(Message)
+            .outerjoin(Outcome, Outcome.inbound_id == Message.id)
+            .where(
+                Message.conversation_id == conversation_id,
+                Message.direction == "in",
+                Outcome.inbound_id.is_(None),
+            )
+            .order_by(Message.provider_ts, Message.id)
+        )
+    )
+
+
+def history(session: Session, conversation_id: int, before_id: int, limit: int) -> list[Message]:
+    """The last ``limit`` turns before ``before_id`` that belong in a prompt, oldest first:
+    answered user messages and replies (bot or human) that did not fail. Notices, held,
+    blocked and unanswered messages never re-enter a prompt."""
+    if limit <= 0:
+        return []
+    replied = select(Outcome.inbound_id).where(
+        Outcome.conversation_id == conversation_id, Outcome.kind == "replied"
+    )
     rows = session.scalars(
         select(Message)
         .where(
             Message.conversation_id == conversation_id,
-            Message.id <= upto_id,
-            Message.status.not_in(["failed", "dead"]),
+            Message.id < before_id,
+            ((Message.direction == "in") & Message.id.in_(replied))
+            | (
+                (Message.direction == "out")
+                & Message.kind.in_(["text", "human"])
+                & Message.status.not_in(["failed", "dead"])
+            ),
         )
         .order_by(Message.id.desc())
         .limit(limit)
@@ -71,7 +119,65 @@ def recent_turns(session: Session, conversation_id: int, upto_id: int, limit: in
     return list(reversed(rows))
 
 
-def reply_exists(session: Session, inbound_id: int) -> int | None:
+def inbound_count_since(session: Session, contact_id: int, since: datetime) -> int:
     return session.execute(
-        select(Message.id).where(Message.reply_to_id == inbound_id)
-    ).scalar_one_or_none()
+        select(func.count())
+        .select_from(Message)
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(
+            Conversation.contact_id == contact_id,
+            Message.direction == "in",
+            Message.created_at >= since,
+        )
+    ).scalar_one()
+
+
+def tokens_since(session: Session, contact_id: int, since: datetime) -> int:
+    tokens = Message.verdict["tokens"].as_integer()
+    total: int = session.execute(
+        select(func.coalesce(func.sum(tokens), 0))
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(
+            Conversation.contact_id == contact_id,
+            Message.direction == "out",
+            Message.created_at >= since,
+        )
+    ).scalar_one()
+    return total
+
+
+def has_bot_reply(session: Session, conversation_id: int) -> bool:
+    return (
+        session.execute(
+            select(Message.id)
+            .where(
+                Message.conversation_id == conversation_id,
+                Message.direction == "out",
+                Message.kind == "text",
+            )
+            .limit(1)
+        ).first()
+        is not None
+    )
+
+
+def last_human_message_at(session: Session, conversation_id: int) -> datetime | None:
+    return session.execute(
+        select(func.max(Message.created_at)).where(
+            Message.conversation_id == conversation_id,
+            Message.direction == "out",
+            Message.kind == "human",
+        )
+    ).scalar()
+
+
+def notices_since(session: Session, conversation_id: int, kind: str, since: datetime) -> int:
+    return session.execute(
+        select(func.count())
+        .select_from(Notice)
+        .where(
+            Notice.conversation_id == conversation_id,
+            Notice.kind == kind,
+            Notice.created_at >= since,
+        )
+    ).scalar_one()

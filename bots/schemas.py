@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from bots.policy import Policy
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -57,6 +59,7 @@ class BotSpec(_Strict):
     generation: GenerationSpec = GenerationSpec()
     history_turns: int = Field(12, ge=0, le=200)
     fallback_reply: str = "Sorry, I can't help with that right now."
+    policy: Policy = Policy()
     channels: list[ChannelSpec] = Field(default_factory=list)
 
 

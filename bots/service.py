@@ -105,6 +105,7 @@ def apply_bots(session: Session, spec: BotsFile) -> ApplyReport:
                 "seed": gen.seed,
                 "history_turns": bot_spec.history_turns,
                 "fallback_reply": bot_spec.fallback_reply,
+                "extra": {**bot.extra, "policy": bot_spec.policy.model_dump(mode="json")},
             },
         )
         session.flush()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from bots import repository
+from bots.policy import Policy
 from bots.schemas import BotsFile, BotSpec, ChannelSpec, GenerationSpec, MetaAppSpec
 from bots.service import apply_bots
 
@@ -30,7 +31,10 @@ def create_whatsapp_bot(
     system_prompt: str = "You are a helpful assistant for a bakery. Answer in one sentence.",
     max_tokens: int = 48,
     history_turns: int = 12,
+    policy: Policy | None = None,
 ) -> WhatsAppBot:
+    """A WhatsApp bot; its burst window is 0 unless ``policy`` says otherwise, so a test's
+    message is answered on the first run of its job."""
     workspace = workspace or f"ws-{secrets.token_hex(3)}"
     phone_number_id = phone_number_id or str(100000000000000 + secrets.randbelow(10**12))
     secret, verify, token = secrets.token_hex(16), secrets.token_hex(8), secrets.token_hex(12)
@@ -43,6 +47,7 @@ def create_whatsapp_bot(
                 system_prompt=system_prompt,
                 generation=GenerationSpec(temperature=0.0, max_tokens=max_tokens, seed=7),
                 history_turns=history_turns,
+                policy=policy or Policy(burst_window_seconds=0),
                 channels=[
                     ChannelSpec(
                         type="whatsapp",
