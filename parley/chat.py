@@ -75,13 +75,22 @@ class Chat:
             self.seen = max(self.seen, max(int(m["seq"]) for m in messages))
         return [str(m["text"]) for m in messages]
 
-    def wait_reply(self) -> list[str]:
+    def wait_reply(self, settle: float = 2.0) -> list[str]:
+        """Everything the bot sends for one message: a notice (e.g. the AI disclosure) may come
+        first, so keep listening until ``settle`` seconds pass without anything new."""
         deadline = time.monotonic() + self.timeout
+        got: list[str] = []
+        quiet_since = time.monotonic()
         while time.monotonic() < deadline:
-            got = self.replies()
-            if got:
+            new = self.replies()
+            if new:
+                got.extend(new)
+                quiet_since = time.monotonic()
+            elif got and time.monotonic() - quiet_since >= settle:
                 return got
             time.sleep(0.3)
+        if got:
+            return got
         raise TimeoutError(f"no reply within {self.timeout:.0f} s")
 
 

@@ -66,7 +66,10 @@ class Platform:
                 if not proc.alive():
                     raise RuntimeError(f"{proc.name} died:\n{proc.output()[-3000:]}")
             time.sleep(0.25)
-        raise TimeoutError(f"{count} sends to {to} not seen in {timeout}s: {self.sends(to)}")
+        tails = "\n".join(f"--- {p.name}\n{p.output()[-2500:]}" for p in self.procs.values())
+        raise TimeoutError(
+            f"{count} sends to {to} not seen in {timeout}s: {self.sends(to)}\n{tails}"
+        )
 
     def logs(self) -> str:
         return "\n".join(p.output() for p in self.procs.values())

@@ -52,11 +52,13 @@ def test_a_signed_message_gets_exactly_one_reply_and_memory_carries_the_turn(
         phone_number_id=bot.phone_number_id, wa_id=user, text="Hi! Do you sell sourdough bread?"
     )
     assert platform.post(first, bot.app_secret).status_code == 200
-    sends = platform.wait_sends(user, 1)
-    assert len(sends) == 1
-    assert sends[0]["to"] == user and sends[0]["account"] == bot.phone_number_id
-    assert sends[0]["text"].strip()
-    first_reply = sends[0]["text"]
+    sends = platform.wait_sends(user, 2)
+    assert len(sends) == 2
+    assert all(s["to"] == user and s["account"] == bot.phone_number_id for s in sends)
+    # The first reply of a conversation is preceded by the AI disclosure notice.
+    assert sends[0]["text"] == "Hi! You're chatting with an automated assistant."
+    assert sends[1]["text"].strip()
+    first_reply = sends[1]["text"]
 
     second = simulator.whatsapp_text(
         phone_number_id=bot.phone_number_id,
@@ -64,8 +66,8 @@ def test_a_signed_message_gets_exactly_one_reply_and_memory_carries_the_turn(
         text=f"Great. Please call me back on {PHONE} about an order.",
     )
     assert platform.post(second, bot.app_secret).status_code == 200
-    sends = platform.wait_sends(user, 2)
-    assert len(sends) == 2 and sends[1]["text"].strip()
+    sends = platform.wait_sends(user, 3)
+    assert len(sends) == 3 and sends[2]["text"].strip()
 
     prompts = [r["messages"] for r in proxy.chat_requests()]
     last = prompts[-1]
@@ -100,10 +102,10 @@ def test_the_same_delivery_posted_concurrently_is_answered_once(
         t.join()
     assert statuses == [200] * 6
     assert platform.post(payload, bot.app_secret).status_code == 200  # and once more, later
-    platform.wait_sends(user, 1)
+    platform.wait_sends(user, 2)  # the disclosure notice and the one reply
     # Give a would-be duplicate every chance to show up before concluding there is none.
     time.sleep(3)
-    assert len(platform.sends(user)) == 1
+    assert len(platform.sends(user)) == 2
 
 
 def test_chat_command_talks_to_the_bot(
@@ -134,4 +136,4 @@ def test_chat_command_talks_to_the_bot(
         check=False,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert re.search(r"^bot> \S", out.stdout, re.M), out.stdout
+    assert len(re.findall(r"^bot> \S", out.stdout, re.M)) == 2, out.stdout  # notice + reply

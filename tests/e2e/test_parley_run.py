@@ -83,7 +83,7 @@ def test_parley_run_chat_ctrl_c_and_restart(tmp_path: Path) -> None:
             check=False,
         )
         assert chat.returncode == 0, chat.stdout + chat.stderr
-        assert re.search(r"^bot> \S", chat.stdout, re.M), chat.stdout
+        assert len(re.findall(r"^bot> \S", chat.stdout, re.M)) == 2, chat.stdout
     finally:
         code = _interrupt(run)
     assert code == 0, log.read_text()[-3000:]
