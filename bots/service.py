@@ -10,12 +10,13 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from bots import repository
 from bots.schemas import BotsFile
-from core.errors import ConfigError
-from core.models import Bot, ChannelAccount, MetaApp, Workspace
+from core.errors import BadRequest, ConfigError, NotFound
+from core.models import Bot, ChannelAccount, Conversation, MetaApp, Workspace, utcnow
 
 
 @dataclass
@@ -136,3 +137,28 @@ def apply_bots(session: Session, spec: BotsFile) -> ApplyReport:
             session.flush()
             _note(report, label, created=created, changed=changed)
     return report
+
+
+MODES = ("bot", "human", "paused")
+
+
+def set_mode(session: Session, *, workspace_id: int, conversation_id: int, mode: str) -> None:
+    """Take a conversation over (``human``), pause it, or hand it back to the bot (``bot``).
+
+    Scoped by workspace: a conversation of another workspace is :class:`NotFound`. Handing back
+    also clears the "asked for a human" flag. The caller owns the transaction.
+    """
+    if mode not in MODES:
+        raise BadRequest(f"mode must be one of {', '.join(MODES)}")
+    conversation = session.scalars(
+        select(Conversation).where(
+            Conversation.id == conversation_id, Conversation.workspace_id == workspace_id
+        )
+    ).one_or_none()
+    if conversation is None:
+        raise NotFound("no such conversation")
+    if conversation.mode != mode:
+        conversation.mode, conversation.mode_changed_at = mode, utcnow()
+    if mode == "bot" and conversation.flagged == "human_requested":
+        conversation.flagged = None
+    session.flush()

@@ -361,3 +361,42 @@ def test_a_worker_that_lost_its_lease_writes_nothing(
     assert outcomes(db) == [] and sent_texts(db) == []
     assert db.execute(select(ConversationLease.holder)).scalar_one() == "thief"
     assert conversation_id
+
+
+def test_take_over_and_hand_back(
+    client: TestClient, db: Session, echo_model: ScriptedModel
+) -> None:
+    from bots.service import set_mode
+    from core.errors import BadRequest, NotFound
+
+    bot = make_bot(db, disclose_ai=False)
+    deliver(client, bot, "hello")
+    run_replies(db)
+    conversation = db.execute(select(Conversation)).scalar_one()
+    set_mode(
+        db, workspace_id=conversation.workspace_id, conversation_id=conversation.id, mode="human"
+    )
+    db.commit()
+    deliver(client, bot, "is someone there?")
+    run_replies(db)
+    set_mode(
+        db, workspace_id=conversation.workspace_id, conversation_id=conversation.id, mode="bot"
+    )
+    db.commit()
+    deliver(client, bot, "back to the bot")
+    run_replies(db)
+    assert [k for _, k in outcomes(db)] == ["replied", "human_mode", "replied"]
+    with pytest.raises(NotFound):
+        set_mode(
+            db,
+            workspace_id=conversation.workspace_id + 999,
+            conversation_id=conversation.id,
+            mode="human",
+        )
+    with pytest.raises(BadRequest):
+        set_mode(
+            db,
+            workspace_id=conversation.workspace_id,
+            conversation_id=conversation.id,
+            mode="robot",
+        )
