@@ -54,6 +54,51 @@ class Settings(BaseSettings):
     graph_api_version: str = "v23.0"
     graph_timeout: float = 15.0
     sandbox: bool = True
+    # Sandbox Graph API behaviour (development only): fault rates as "429=0.01,500=0.02,
+    # stall=0.005,drop_webhooks=0.0", how long a stalled send hangs, the delay before the
+    # sandbox posts its signed status webhooks, where it posts them (empty: this API), and a
+    # seed that makes the fault draws repeatable.
+    sandbox_faults: str = ""
+    sandbox_stall_seconds: float = 20.0
+    sandbox_webhook_delay: float = 0.2
+    sandbox_webhooks: bool = True
+    sandbox_webhook_url: str | None = None
+    sandbox_seed: int | None = None
+
+    # Send lane. Retries: capped exponential back-off with full jitter (base, cap, seconds),
+    # at most send_max_attempts Graph calls per chunk. An ambiguous send (timeout after the
+    # request went out) waits send_unknown_grace seconds for a status webhook before it is
+    # resent once. Deferrals while an earlier chunk of the conversation is in flight.
+    send_max_attempts: int = Field(default=8, ge=1)
+    send_backoff_base: float = 0.5
+    send_backoff_cap: float = 60.0
+    send_unknown_grace: float = 60.0
+    send_order_delay: float = 0.5
+    # Customer-service window: a reply whose conversation's last inbound message is older than
+    # this is not sent (outcome window_expired).
+    send_window_hours: float = 24.0
+    # Token buckets per channel account (messages/s; WhatsApp up to 1,000 after Meta's upgrade)
+    # and per (WhatsApp number, recipient) pair: one message per interval, with a burst.
+    send_rate_whatsapp: float = Field(default=80.0, gt=0, le=1000)
+    send_rate_messenger: float = Field(default=300.0, gt=0)
+    send_rate_instagram: float = Field(default=300.0, gt=0)
+    send_pair_interval: float = Field(default=6.0, ge=0)
+    send_pair_burst: int = Field(default=10, ge=1)
+    # In-flight Graph calls per workspace (bulkhead), across all workers.
+    send_workspace_concurrency: int = Field(default=8, ge=1)
+    # Circuit breaker per channel account: opens after this many consecutive retryable
+    # failures (5xx, timeouts), stays open for send_breaker_cooldown seconds, then lets one
+    # probe through (half-open).
+    send_breaker_failures: int = Field(default=5, ge=1)
+    send_breaker_cooldown: float = 30.0
+    # A paused channel account (credentials refused) is probed at most once per this interval.
+    send_paused_probe_interval: float = 60.0
+    # While Redis cannot be reached the limiters let sends through, each after this pause.
+    send_degraded_delay: float = 0.2
+    # Status-only webhooks are group-committed: up to status_batch_max requests or
+    # status_batch_wait seconds per transaction (0 max turns batching off).
+    status_batch_max: int = Field(default=50, ge=0)
+    status_batch_wait: float = 0.005
 
     encryption_keys: SecretStr | None = None
 

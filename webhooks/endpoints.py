@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.config import Settings
 from core.db import session_scope
 from core.errors import BadRequest, Forbidden, PayloadTooLarge
 from webhooks import service
+from webhooks.batcher import StatusBatcher
 from webhooks.channels import meta
 
 MAX_BODY = 4 * 1024 * 1024  # Meta sends up to 3 MB; anything above this is not Meta
@@ -59,16 +62,46 @@ def verify_whatsapp(
     return PlainTextResponse(answer)
 
 
+_batcher_lock = threading.Lock()
+
+
+def status_batcher(request: Request) -> StatusBatcher | None:
+    """The app's group-commit writer for status-only deliveries (None when turned off)."""
+    settings: Settings = request.app.state.settings
+    if settings.status_batch_max <= 0:
+        return None
+    with _batcher_lock:
+        batcher: StatusBatcher | None = getattr(request.app.state, "status_batcher", None)
+        if batcher is None:
+            batcher = StatusBatcher(
+                get_sessionmaker(request),
+                max_requests=settings.status_batch_max,
+                max_wait=settings.status_batch_wait,
+            )
+            request.app.state.status_batcher = batcher
+        return batcher
+
+
 @router.post("/whatsapp")
 def receive_whatsapp(
     request: Request,
     factory: Factory,
     body: Annotated[bytes, Depends(bounded_body)],
 ) -> JSONResponse:
-    """Store every message of the delivery, then answer 200 (only after the commit)."""
+    """Store every message of the delivery, then answer 200 (only after the commit).
+
+    A delivery of statuses only is group-committed with other such deliveries and answered
+    once its batch is committed; anything else commits in this request."""
     signature = request.headers.get("x-hub-signature-256")
+    batcher = None
     with session_scope(factory) as session:
-        result = service.intake_whatsapp(session, body, signature)
+        app, events = service.read_whatsapp(session, body, signature)
+        if service.status_only(events):
+            batcher = status_batcher(request)
+        if batcher is None:
+            result = service.store_whatsapp(session, app, events)
+    if batcher is not None:
+        result = service.apply_status_batch(batcher, app, events)
     return JSONResponse(
         {
             "stored": len(result.stored),

@@ -15,9 +15,11 @@ from sqlalchemy.orm import Session
 
 from core import jobs
 from core.errors import BadRequest, Forbidden, Unauthorized
+from core.models import utcnow
 from webhooks import repository
+from webhooks.batcher import StatusBatcher
 from webhooks.channels import meta, whatsapp
-from webhooks.channels.events import InboundText, StatusUpdate, Unhandled
+from webhooks.channels.events import Event, InboundText, StatusUpdate, Unhandled
 
 log = structlog.get_logger()
 
@@ -55,23 +57,60 @@ def decode(body: bytes) -> Any:
         raise BadRequest("body is not valid JSON", code="invalid_json") from exc
 
 
-def intake_whatsapp(session: Session, body: bytes, signature: str | None) -> IntakeResult:
+def read_whatsapp(
+    session: Session, body: bytes, signature: str | None
+) -> tuple[repository.AppSecrets, list[Event]]:
+    """Authenticate and parse one delivery (no writes)."""
     app = authenticate(session, body, signature)
-    payload = decode(body)
+    return app, whatsapp.parse(decode(body))
+
+
+def status_only(events: list[Event]) -> bool:
+    """A delivery made only of status events may be group-committed (see webhooks.batcher)."""
+    return bool(events) and all(isinstance(e, StatusUpdate) for e in events)
+
+
+def signed_statuses(
+    app: repository.AppSecrets, events: list[Event]
+) -> list[repository.SignedStatus]:
+    return [repository.SignedStatus(app.id, e) for e in events if isinstance(e, StatusUpdate)]
+
+
+def intake_whatsapp(session: Session, body: bytes, signature: str | None) -> IntakeResult:
+    app, events = read_whatsapp(session, body, signature)
+    return store_whatsapp(session, app, events)
+
+
+def store_whatsapp(
+    session: Session, app: repository.AppSecrets, events: list[Event]
+) -> IntakeResult:
+    """Store the messages and apply the statuses of one delivery in the caller's transaction."""
     result = IntakeResult()
-    for event in whatsapp.parse(payload):
+    for event in events:
         if isinstance(event, InboundText):
             _store_text(session, app, event, result)
         elif isinstance(event, StatusUpdate):
             result.statuses += 1
-            repository.apply_status(
-                session,
-                channel=event.channel,
-                provider_message_id=event.message_id,
-                status=event.status,
-            )
         else:
             _record(session, event, result)
+    if result.statuses:
+        repository.apply_statuses(session, signed_statuses(app, events), now=utcnow())
+    log_received(app, result)
+    return result
+
+
+def apply_status_batch(
+    batcher: StatusBatcher, app: repository.AppSecrets, events: list[Event]
+) -> IntakeResult:
+    """Apply a status-only delivery through the group commit; returns once it is durable."""
+    statuses = signed_statuses(app, events)
+    batcher.apply(statuses)
+    result = IntakeResult(statuses=len(statuses))
+    log_received(app, result)
+    return result
+
+
+def log_received(app: repository.AppSecrets, result: IntakeResult) -> None:
     log.info(
         "webhooks.received",
         channel="whatsapp",
@@ -82,7 +121,6 @@ def intake_whatsapp(session: Session, body: bytes, signature: str | None) -> Int
         unhandled=result.unhandled,
         unroutable=result.unroutable,
     )
-    return result
 
 
 def _record(session: Session, event: Unhandled, result: IntakeResult) -> None:

@@ -1,135 +1,488 @@
-"""The send lane: deliver stored replies to the Graph API, one outbound row at a time.
+"""The send lane: deliver a stored outbound message to the Graph API as 1..n chunks.
 
-The reply is already stored (by the conversations lane) before this runs, so a retry re-sends the
-same text. Status moves ``pending → sending → sent | failed`` by conditional UPDATEs only.
+Contract with the conversations lane: it stores an outbound ``Message`` (``status='pending'``,
+the full text in ``body``) and enqueues ``webhooks.send`` with its id. This job then
+
+1. creates the message's chunks once (``INSERT … ON CONFLICT (message_id, idx) DO NOTHING``), cut
+   at the channel's limit, each with the idempotency key ``"{message_id}:{idx}"``;
+2. sends them in order, each only when every earlier outbound message of the conversation is
+   finished (otherwise :class:`core.jobs.Defer`), through these gates: the 24-hour window,
+   a paused account (one probe per interval), the account's circuit breaker, the workspace's
+   in-flight cap and the token buckets (account, and WhatsApp recipient pair);
+3. moves each chunk ``pending → sending → sent | failed | dead`` (and ``unknown`` after an
+   ambiguous send) with conditional UPDATEs only, and keeps ``messages.status`` the aggregate.
+
+Retries have one layer: a retryable failure puts the chunk back to ``pending`` and raises
+``Defer`` with capped exponential back-off, full jitter and at least ``Retry-After``; the chunk's
+own attempt counter bounds them (``PARLEY_SEND_MAX_ATTEMPTS``). No transaction is open during a
+Graph API call.
 """
 
 from __future__ import annotations
 
+import random
+import threading
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 import structlog
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core import jobs
-from core.config import get_settings
+from core.config import Settings, get_settings
 from core.crypto import get_keyring
 from core.db import session_scope
-from core.models import ChannelAccount, Contact, Conversation, Message, utcnow
-from webhooks.channels import whatsapp
+from core.models import utcnow
+from webhooks import repository
+from webhooks.channels import meta, whatsapp
+from webhooks.channels.text import limit_for, split_text
+from webhooks.ratelimit import Bucket, Limits, connect
 
 log = structlog.get_logger()
 
-_client: httpx.Client | None = None
+SENDABLE_CHANNELS = frozenset({"whatsapp"})
 
 
-def http_client() -> httpx.Client:
-    global _client
-    if _client is None:
-        settings = get_settings()
-        _client = httpx.Client(
-            timeout=httpx.Timeout(settings.graph_timeout, connect=5.0), follow_redirects=False
+@dataclass
+class Lane:
+    """Per-process send-lane resources, rebuilt when the settings object changes."""
+
+    settings: Settings
+    http: httpx.Client
+    limits: Limits | None
+    rng: random.Random
+
+
+_lane: Lane | None = None
+_lane_lock = threading.Lock()
+
+
+def lane() -> Lane:
+    global _lane
+    settings = get_settings()
+    with _lane_lock:
+        if _lane is None or _lane.settings is not settings:
+            http = httpx.Client(
+                timeout=httpx.Timeout(
+                    settings.graph_timeout, connect=min(5.0, settings.graph_timeout)
+                ),
+                follow_redirects=False,
+            )
+            limits = None
+            if settings.redis_url:
+                limits = Limits(connect(settings.redis_url), settings.redis_prefix)
+            _lane = Lane(settings, http, limits, random.SystemRandom())
+        return _lane
+
+
+def backoff_delay(
+    attempt: int, *, base: float, cap: float, retry_after: float | None, rng: random.Random
+) -> float:
+    """Full jitter over a capped exponential window, never before ``Retry-After``."""
+    window = min(cap, base * 2 ** max(0, attempt - 1))
+    wait = rng.uniform(0, window)
+    return wait + retry_after if retry_after is not None else wait
+
+
+def _finish(session: Session, job_id: int) -> None:
+    if not jobs.complete(session, job_id):
+        raise jobs.AlreadyDone
+
+
+def _on_dead(session: Session, *, job_id: int, message_id: int, **_: Any) -> None:
+    repository.end_message_chunks(session, message_id, to="dead", error="send attempts exhausted")
+    repository.refresh_message_status(session, [message_id])
+    repository.end_message(session, message_id, status="dead", error="send attempts exhausted")
+
+
+@jobs.job("webhooks.send", on_dead=_on_dead)
+def send(*, job_id: int, message_id: int) -> None:
+    current = lane()
+    with session_scope() as session:
+        message = repository.outbound(session, message_id)
+        if message is None or message.status in repository.MESSAGE_TERMINAL:
+            _finish(session, job_id)
+            return
+        chunk_ids = repository.chunk_ids(session, message_id)
+        if not chunk_ids:
+            chunk_ids = _create_chunks(session, message)
+        if not chunk_ids:
+            _finish(session, job_id)
+            return
+    for chunk_id in chunk_ids:
+        _send_chunk(current, message, chunk_id)
+    with session_scope() as session:
+        repository.refresh_message_status(session, [message_id])
+        _finish(session, job_id)
+
+
+def _create_chunks(session: Session, message: repository.Outbound) -> list[int]:
+    if message.channel not in SENDABLE_CHANNELS:
+        repository.end_message(
+            session, message.message_id, status="failed", error="unsupported_channel"
         )
-    return _client
+        log.error(
+            "send.unsupported_channel", message_id=message.message_id, channel=message.channel
+        )
+        return []
+    parts = split_text(message.body or "", limit_for(message.channel))
+    if not parts:
+        repository.end_message(session, message.message_id, status="failed", error="empty_body")
+        log.error("send.empty_body", message_id=message.message_id)
+        return []
+    repository.create_chunks(session, message, parts)
+    return repository.chunk_ids(session, message.message_id)
 
 
-class SendRetry(Exception):
-    """The Graph API did not take the message; the job is retried with back-off."""
+@dataclass(frozen=True)
+class _Go:
+    """The gates let this chunk go: as a resend of an ambiguous send, and/or as the probe of a
+    paused account."""
+
+    resend: bool = False
+    probe: bool = False
 
 
-def _mark_dead(session: Session, *, job_id: int, message_id: int, **_: Any) -> None:
-    session.execute(
-        update(Message)
-        .where(Message.id == message_id, Message.status.in_(["pending", "sending"]))
-        .values(status="dead", last_error="send attempts exhausted")
+def _send_chunk(current: Lane, message: repository.Outbound, chunk_id: int) -> None:
+    """Return once the chunk is finished; raise ``Defer`` while it must wait."""
+    with session_scope() as session:
+        decision = _gate(session, current, message, chunk_id, utcnow())
+    if isinstance(decision, jobs.Defer):
+        raise decision
+    if decision is None:
+        return
+    _limited_send(current, message, chunk_id, decision)
+
+
+def _gate(
+    session: Session, current: Lane, message: repository.Outbound, chunk_id: int, now: datetime
+) -> _Go | jobs.Defer | None:
+    """Decide in one transaction whether the chunk may go. None: it is finished (or was just
+    finished here). Writes made here commit even when the answer is a deferral."""
+    settings = current.settings
+    chunk = repository.chunk(session, chunk_id)
+    log_ids = {"chunk_id": chunk_id, "message_id": message.message_id}
+    if chunk.state in repository.CHUNK_TERMINAL:
+        return None
+    if chunk.state == "sending":
+        started = chunk.sending_since or now
+        if now - started <= timedelta(seconds=settings.graph_timeout + 15.0):
+            return jobs.Defer(settings.send_order_delay, "chunk_in_flight")
+        # The run that sent it died before recording the answer: the send may have happened.
+        repository.move_chunk(
+            session, chunk_id, from_states=["sending"], to="unknown", error="send interrupted"
+        )
+        log.warning("send.interrupted", **log_ids)
+        chunk = replace(chunk, state="unknown")
+    resend = False
+    if chunk.state == "unknown":
+        waited = (now - (chunk.sending_since or now)).total_seconds()
+        if waited < settings.send_unknown_grace:
+            return jobs.Defer(settings.send_unknown_grace - waited, "awaiting_status_webhook")
+        if chunk.resent:
+            repository.move_chunk(
+                session,
+                chunk_id,
+                from_states=["unknown"],
+                to="dead",
+                error="unconfirmed after resend",
+            )
+            repository.end_message_chunks(
+                session, message.message_id, to="dead", error="earlier chunk unconfirmed"
+            )
+            repository.refresh_message_status(session, [message.message_id])
+            log.error("send.unconfirmed", **log_ids)
+            return None
+        resend = True
+    if repository.earlier_unfinished(
+        session, conversation_id=message.conversation_id, message_id=message.message_id
+    ):
+        return jobs.Defer(settings.send_order_delay, "earlier_message_unfinished")
+    if _window_closed(message.last_inbound_at, now, settings):
+        _expire(session, message)
+        return None
+    if chunk.attempts >= settings.send_max_attempts:
+        _give_up(
+            session, message, chunk_id, "send attempts exhausted", to="dead", from_state=chunk.state
+        )
+        return None
+    probe = False
+    if repository.account_status(session, message.account_id) == "paused":
+        interval = settings.send_paused_probe_interval
+        if current.limits is None or not current.limits.claim_probe(
+            message.account_id, interval=interval
+        ):
+            return jobs.Defer(interval * current.rng.uniform(0.5, 1.0), "account_paused")
+        probe = True
+        log.info("send.probe", account_id=message.account_id, **log_ids)
+    return _Go(resend=resend, probe=probe)
+
+
+def _window_closed(last_inbound_at: datetime | None, now: datetime, settings: Settings) -> bool:
+    if last_inbound_at is None:
+        return True
+    return now - last_inbound_at > timedelta(hours=settings.send_window_hours)
+
+
+def _expire(session: Session, message: repository.Outbound) -> None:
+    repository.end_message_chunks(session, message.message_id, to="dead", error="window_expired")
+    if not repository.any_chunk_sent(session, message.message_id):
+        repository.expire_replies(session, message.message_id)
+    repository.refresh_message_status(session, [message.message_id])
+    log.warning(
+        "send.window_expired",
+        message_id=message.message_id,
+        conversation_id=message.conversation_id,
     )
 
 
-@jobs.job("webhooks.send", on_dead=_mark_dead)
-def send(*, job_id: int, message_id: int) -> None:
-    settings = get_settings()
-    with session_scope() as session:
-        row = session.execute(
-            select(
-                Message.status,
-                Message.body,
-                Message.conversation_id,
-                ChannelAccount.channel,
-                ChannelAccount.external_id.label("account"),
-                ChannelAccount.access_token,
-                Contact.external_id.label("recipient"),
-            )
-            .join(Conversation, Conversation.id == Message.conversation_id)
-            .join(ChannelAccount, ChannelAccount.id == Conversation.channel_account_id)
-            .join(Contact, Contact.id == Conversation.contact_id)
-            .where(Message.id == message_id)
-        ).one()
-        if row.status not in ("pending", "sending"):
-            if not jobs.complete(session, job_id):
-                raise jobs.AlreadyDone
-            return
-        session.execute(
-            update(Message)
-            .where(Message.id == message_id, Message.status.in_(["pending", "sending"]))
-            .values(status="sending", attempts=Message.attempts + 1)
+def _give_up(
+    session: Session,
+    message: repository.Outbound,
+    chunk_id: int,
+    error: str,
+    *,
+    to: str,
+    from_state: str,
+) -> None:
+    """End this chunk and the rest of its message: a reply missing a middle part is not sent on."""
+    repository.move_chunk(session, chunk_id, from_states=[from_state], to=to, error=error)
+    repository.end_message_chunks(session, message.message_id, to=to, error=f"earlier chunk {to}")
+    repository.refresh_message_status(session, [message.message_id])
+
+
+def _limited_send(current: Lane, message: repository.Outbound, chunk_id: int, go: _Go) -> None:
+    settings = current.settings
+    limits = current.limits
+    degraded = False
+    slot: str | None = None
+    if limits is not None:
+        allowed = limits.breaker_allow(message.account_id, cooldown=settings.send_breaker_cooldown)
+        if not allowed.allowed:
+            raise jobs.Defer(allowed.wait + current.rng.uniform(0, 1.0), "breaker_open")
+        slot, held = limits.acquire_slot(
+            message.workspace_id,
+            cap=settings.send_workspace_concurrency,
+            ttl=settings.graph_timeout + 5.0,
         )
+        if not held.allowed:
+            raise jobs.Defer(held.wait + current.rng.uniform(0, 0.2), "workspace_busy")
+        taken = limits.take(_buckets(limits, message, settings))
+        if not taken.allowed:
+            limits.release_slot(message.workspace_id, slot)
+            raise jobs.Defer(taken.wait + current.rng.uniform(0, 0.05), "rate_limited")
+        degraded = allowed.degraded or held.degraded or taken.degraded
+    try:
+        if degraded:
+            time.sleep(settings.send_degraded_delay)
+        _attempt(current, message, chunk_id, go)
+    finally:
+        if limits is not None:
+            limits.release_slot(message.workspace_id, slot)
+
+
+def _buckets(limits: Limits, message: repository.Outbound, settings: Settings) -> list[Bucket]:
+    rate = {
+        "whatsapp": settings.send_rate_whatsapp,
+        "messenger": settings.send_rate_messenger,
+        "instagram": settings.send_rate_instagram,
+    }.get(message.channel, settings.send_rate_messenger)
+    buckets = [limits.account_bucket(message.account_id, rate)]
+    if message.channel == "whatsapp" and settings.send_pair_interval > 0:
+        buckets.append(
+            limits.pair_bucket(
+                message.account_id,
+                get_keyring().pseudonym(message.recipient),
+                settings.send_pair_interval,
+                settings.send_pair_burst,
+            )
+        )
+    return buckets
+
+
+def _attempt(current: Lane, message: repository.Outbound, chunk_id: int, go: _Go) -> None:
+    settings = current.settings
+    now = utcnow()
+    with session_scope() as session:
+        attempts = repository.claim_chunk(session, chunk_id, now=now, resend=go.resend)
+        if attempts is None:
+            raise jobs.Defer(settings.send_order_delay, "chunk_claimed_elsewhere")
+        chunk = repository.chunk(session, chunk_id)
+        repository.refresh_message_status(session, [message.message_id])
+    log_ids = {
+        "chunk_id": chunk_id,
+        "message_id": message.message_id,
+        "conversation_id": message.conversation_id,
+        "account_id": message.account_id,
+    }
     path, body = whatsapp.build_text_send(
-        phone_number_id=row.account, to=row.recipient, text=row.body or ""
+        phone_number_id=message.account,
+        to=message.recipient,
+        text=chunk.body,
+        callback_data=chunk.idempotency_key,
     )
     url = f"{settings.graph_api_url.rstrip('/')}/{settings.graph_api_version}/{path}"
-    contact = get_keyring().pseudonym(row.recipient)
     try:
-        response = http_client().post(
-            url, json=body, headers={"Authorization": f"Bearer {row.access_token}"}
+        response = current.http.post(
+            url, json=body, headers={"Authorization": f"Bearer {message.access_token}"}
         )
     except httpx.TransportError as exc:
-        _back_to_pending(message_id, type(exc).__name__)
-        log.warning("send.transport_error", message_id=message_id, error=type(exc).__name__)
-        raise SendRetry(type(exc).__name__) from exc
-    payload = _json(response)
-    if response.is_success:
-        with session_scope() as session:
-            session.execute(
-                update(Message)
-                .where(Message.id == message_id, Message.status == "sending")
-                .values(
-                    status="sent",
-                    provider_message_id=whatsapp.sent_message_id(payload),
-                    sent_at=utcnow(),
-                    last_error=None,
-                )
-            )
-            if not jobs.complete(session, job_id):
-                raise jobs.AlreadyDone
-        log.info(
-            "send.sent", message_id=message_id, conversation_id=row.conversation_id, contact=contact
+        if meta.classify_transport_error(exc) == meta.AMBIGUOUS:
+            _ambiguous(current, message, chunk_id, type(exc).__name__, log_ids)
+        error = meta.SendError(meta.RETRY, 0, None)
+        _retry(
+            current, message, chunk_id, attempts, error, type(exc).__name__, log_ids, breaker=True
         )
         return
-    verdict = whatsapp.classify_error(response.status_code, payload)
-    error = f"graph {response.status_code} {verdict}"
-    if verdict == whatsapp.SendErrorClass.RETRY:
-        _back_to_pending(message_id, error)
-        log.warning("send.retry", message_id=message_id, status=response.status_code)
-        raise SendRetry(error)
-    with session_scope() as session:
-        session.execute(
-            update(Message)
-            .where(Message.id == message_id, Message.status == "sending")
-            .values(status="failed", last_error=error)
+    payload = _json(response)
+    if response.is_success:
+        _sent(current, message, chunk_id, whatsapp.sent_message_id(payload), go, log_ids)
+        return
+    error = meta.classify_error(response.status_code, payload, response.headers.get("retry-after"))
+    if error.kind == meta.RETRY:
+        _retry(
+            current,
+            message,
+            chunk_id,
+            attempts,
+            error,
+            error.describe(),
+            log_ids,
+            breaker=response.status_code >= 500,
         )
-        jobs.complete(session, job_id)
-    log.error("send.failed", message_id=message_id, status=response.status_code, kind=verdict)
+    elif error.kind == meta.CREDENTIALS:
+        _credentials(current, message, chunk_id, error, log_ids)
+    else:
+        with session_scope() as session:
+            _give_up(
+                session, message, chunk_id, error.describe(), to="failed", from_state="sending"
+            )
+        log.error("send.failed", status=error.status, code=error.code, **log_ids)
 
 
-def _back_to_pending(message_id: int, error: str) -> None:
+def _sent(
+    current: Lane,
+    message: repository.Outbound,
+    chunk_id: int,
+    provider_id: str | None,
+    go: _Go,
+    log_ids: dict[str, int],
+) -> None:
     with session_scope() as session:
-        session.execute(
-            update(Message)
-            .where(Message.id == message_id, Message.status == "sending")
-            .values(status="pending", last_error=error)
+        recorded = repository.mark_sent(
+            session, chunk_id, provider_message_id=provider_id, now=utcnow()
         )
+        resumed = go.probe and repository.set_account_status(
+            session, message.account_id, status="active", was="paused"
+        )
+        repository.refresh_message_status(session, [message.message_id])
+    if current.limits is not None and current.limits.breaker_success(message.account_id):
+        log.info("send.breaker_closed", account_id=message.account_id)
+    if resumed:
+        log.warning("send.account_resumed", account_id=message.account_id)
+    log.info("send.sent", resent=go.resend, recorded=recorded, **log_ids)
+
+
+def _retry(
+    current: Lane,
+    message: repository.Outbound,
+    chunk_id: int,
+    attempts: int,
+    error: meta.SendError,
+    reason: str,
+    log_ids: dict[str, int],
+    *,
+    breaker: bool,
+) -> None:
+    settings = current.settings
+    if breaker and current.limits is not None:
+        opened = current.limits.breaker_failure(
+            message.account_id,
+            threshold=settings.send_breaker_failures,
+            cooldown=settings.send_breaker_cooldown,
+        )
+        if opened:
+            log.warning("send.breaker_open", account_id=message.account_id)
+    if attempts >= settings.send_max_attempts:
+        with session_scope() as session:
+            _give_up(
+                session,
+                message,
+                chunk_id,
+                f"{reason} (attempts exhausted)",
+                to="dead",
+                from_state="sending",
+            )
+        log.error("send.dead", attempts=attempts, **log_ids)
+        return
+    with session_scope() as session:
+        repository.move_chunk(
+            session, chunk_id, from_states=["sending"], to="pending", error=reason
+        )
+        repository.refresh_message_status(session, [message.message_id])
+    delay = backoff_delay(
+        attempts,
+        base=settings.send_backoff_base,
+        cap=settings.send_backoff_cap,
+        retry_after=error.retry_after,
+        rng=current.rng,
+    )
+    log.warning(
+        "send.retry", status=error.status, code=error.code, retry_in=round(delay, 3), **log_ids
+    )
+    raise jobs.Defer(delay, "graph_retry")
+
+
+def _ambiguous(
+    current: Lane,
+    message: repository.Outbound,
+    chunk_id: int,
+    reason: str,
+    log_ids: dict[str, int],
+) -> None:
+    settings = current.settings
+    with session_scope() as session:
+        repository.move_chunk(
+            session, chunk_id, from_states=["sending"], to="unknown", error=f"ambiguous {reason}"
+        )
+    if current.limits is not None:
+        current.limits.breaker_failure(
+            message.account_id,
+            threshold=settings.send_breaker_failures,
+            cooldown=settings.send_breaker_cooldown,
+        )
+    log.warning("send.ambiguous", error=reason, **log_ids)
+    raise jobs.Defer(settings.send_unknown_grace, "awaiting_status_webhook")
+
+
+def _credentials(
+    current: Lane,
+    message: repository.Outbound,
+    chunk_id: int,
+    error: meta.SendError,
+    log_ids: dict[str, int],
+) -> None:
+    settings = current.settings
+    with session_scope() as session:
+        repository.move_chunk(
+            session,
+            chunk_id,
+            from_states=["sending"],
+            to="pending",
+            error=error.describe(),
+            refund=True,
+        )
+        paused = repository.set_account_status(
+            session, message.account_id, status="paused", was="active"
+        )
+        repository.refresh_message_status(session, [message.message_id])
+    if paused:
+        log.error("send.account_paused", code=error.code, **log_ids)
+    interval = settings.send_paused_probe_interval
+    raise jobs.Defer(interval * current.rng.uniform(0.5, 1.0), "account_paused")
 
 
 def _json(response: httpx.Response) -> Any:

@@ -27,6 +27,8 @@ class StatusUpdate:
     status: str  # sent | delivered | read | failed
     timestamp: datetime
     error_code: int | None = None
+    # Our chunk's idempotency key, echoed from the send (WhatsApp biz_opaque_callback_data).
+    callback_data: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""What all three Meta channels share: the verification handshake and the payload signature."""
+"""What all three Meta channels share: the verification handshake, the payload signature and
+the classification of send errors."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import hmac
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
 
 _SIGNATURE = re.compile(r"sha256=([0-9a-fA-F]{64})")
 
@@ -79,3 +85,96 @@ def answer_handshake(query: Handshake, verify_tokens: Sequence[str]) -> str:
     if not query.challenge:
         raise HandshakeError("hub.challenge is missing", status=400)
     return query.challenge
+
+
+# --- send errors ----------------------------------------------------------------------------
+#
+# Meta's error body: {"error": {"message", "type", "code", "error_subcode", "error_data",
+# "fbtrace_id"}}. Retry decisions follow ``code`` (meta-channels reference a.6), never the
+# message text.
+
+RETRY = "retry"  # definitely not taken: try again after a back-off
+NEVER = "never"  # refused for this message: retrying cannot help
+CREDENTIALS = "credentials"  # the account's token is refused: pause the account
+
+# Throttling, temporary and unknown server errors.
+RETRY_CODES = frozenset({1, 2, 4, 17, 32, 613, 80007, 130429, 131000, 131056, 131057})
+# Token expired, invalidated or unparseable.
+CREDENTIAL_CODES = frozenset({102, 190})
+
+
+@dataclass(frozen=True)
+class SendError:
+    kind: str  # RETRY | NEVER | CREDENTIALS
+    status: int
+    code: int | None
+    retry_after: float | None = None
+
+    def describe(self) -> str:
+        """A short text for ``last_error``: status, code and class, never Meta's message."""
+        code = f" code {self.code}" if self.code is not None else ""
+        return f"graph {self.status}{code} {self.kind}"
+
+
+def error_code(response: Any) -> int | None:
+    if isinstance(response, dict) and isinstance(response.get("error"), dict):
+        raw = response["error"].get("code")
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+    return None
+
+
+def classify_error(status: int, response: Any, retry_after: str | None = None) -> SendError:
+    """Class of a non-2xx Graph API answer (``response`` is its decoded JSON or None)."""
+    code = error_code(response)
+    error_type = ""
+    if isinstance(response, dict) and isinstance(response.get("error"), dict):
+        error_type = str(response["error"].get("type") or "")
+    wait = parse_retry_after(retry_after)
+    if status == 401 or code in CREDENTIAL_CODES or (code == 0 and "Auth" in error_type):
+        kind = CREDENTIALS
+    elif status == 429 or status >= 500 or code in RETRY_CODES:
+        kind = RETRY
+    else:
+        kind = NEVER
+    return SendError(kind, status, code, wait)
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(0.0, seconds), 3600.0)
+
+
+# Transport failures. Before the request could have reached Meta (no connection) a send is
+# definitely not taken and may be retried; once it may have been written (read timeout,
+# connection reset or closed before the answer) it is ambiguous and must not be resent blindly.
+NOT_SENT = "not_sent"
+AMBIGUOUS = "ambiguous"
+
+
+def classify_transport_error(exc: httpx.TransportError) -> str:
+    if isinstance(
+        exc,
+        httpx.ConnectError
+        | httpx.ConnectTimeout
+        | httpx.PoolTimeout
+        | httpx.UnsupportedProtocol
+        | httpx.ProxyError,
+    ):
+        return NOT_SENT
+    return AMBIGUOUS

@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from webhooks.channels import meta
 from webhooks.channels.events import Event, InboundText, StatusUpdate, Unhandled
 
 CHANNEL = "whatsapp"
@@ -122,13 +123,23 @@ def _parse_status(account: str, status: Any) -> Event:
         status=state,
         timestamp=_ts(status.get("timestamp")),
         error_code=code,
+        callback_data=_str(status.get("biz_opaque_callback_data")),
     )
 
 
 def build_text_send(
-    *, phone_number_id: str, to: str, text: str, reply_to: str | None = None
+    *,
+    phone_number_id: str,
+    to: str,
+    text: str,
+    reply_to: str | None = None,
+    callback_data: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """The Graph API path (after the version) and JSON body for one text message."""
+    """The Graph API path (after the version) and JSON body for one text message.
+
+    ``callback_data`` goes out as ``biz_opaque_callback_data`` (at most 512 characters) and
+    comes back in every status webhook of that message: it is how a send whose answer was lost
+    is recognised."""
     body: dict[str, Any] = {
         "messaging_product": "whatsapp",
         "recipient_type": "individual",
@@ -138,6 +149,8 @@ def build_text_send(
     }
     if reply_to:
         body["context"] = {"message_id": reply_to}
+    if callback_data:
+        body["biz_opaque_callback_data"] = callback_data[:512]
     return f"{phone_number_id}/messages", body
 
 
@@ -151,19 +164,11 @@ def sent_message_id(response: Any) -> str | None:
 
 
 class SendErrorClass:
-    RETRY = "retry"
-    NEVER = "never"
-    CREDENTIALS = "credentials"
+    RETRY = meta.RETRY
+    NEVER = meta.NEVER
+    CREDENTIALS = meta.CREDENTIALS
 
 
 def classify_error(status: int, response: Any) -> str:
-    """Whether a failed send may be retried (the full code table arrives with the channels work)."""
-    code = None
-    if isinstance(response, dict) and isinstance(response.get("error"), dict):
-        raw = response["error"].get("code")
-        code = raw if isinstance(raw, int) else None
-    if status == 401 or code in (190, 102):
-        return SendErrorClass.CREDENTIALS
-    if status == 429 or status >= 500 or code in (4, 80007, 130429, 131056, 131000, 2):
-        return SendErrorClass.RETRY
-    return SendErrorClass.NEVER
+    """Whether a failed send may be retried: ``retry``, ``never`` or ``credentials``."""
+    return meta.classify_error(status, response).kind
