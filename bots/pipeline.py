@@ -384,9 +384,7 @@ def _draft(
     policy: Policy,
 ) -> Draft:
     bot = ctx.bot
-    turns = repository.history(
-        session, ctx.conversation.id, min(m.id for m in pending), bot.history_turns
-    )
+    turns = repository.history(session, ctx.conversation.id, bot.history_turns)
     canary = make_canary(bot.canary_seed)
     prompt = memory.build_prompt(bot, [*turns, *pending], canary_line=canary_instruction(canary))
     return Draft(

@@ -92,10 +92,13 @@ def pending_inbound(session: Session, conversation_id: int) -> list[Message]:
     )
 
 
-def history(session: Session, conversation_id: int, before_id: int, limit: int) -> list[Message]:
-    """The last ``limit`` turns before ``before_id`` that belong in a prompt, oldest first:
-    answered user messages and replies (bot or human) that did not fail. Notices, held,
-    blocked and unanswered messages never re-enter a prompt."""
+def history(session: Session, conversation_id: int, limit: int) -> list[Message]:
+    """The last ``limit`` settled turns that belong in a prompt, oldest first: answered user
+    messages and replies (bot or human) that did not fail. Pending messages (the turn being
+    answered), notices, held, blocked and unanswered messages are not among them.
+
+    Not bounded by the pending messages' ids: a reply stored after a newer message arrived
+    has the larger id, and still precedes it in the conversation."""
     if limit <= 0:
         return []
     replied = select(Outcome.inbound_id).where(
@@ -105,7 +108,6 @@ def history(session: Session, conversation_id: int, before_id: int, limit: int) 
         select(Message)
         .where(
             Message.conversation_id == conversation_id,
-            Message.id < before_id,
             ((Message.direction == "in") & Message.id.in_(replied))
             | (
                 (Message.direction == "out")

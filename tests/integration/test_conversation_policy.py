@@ -400,3 +400,32 @@ def test_take_over_and_hand_back(
             conversation_id=conversation.id,
             mode="robot",
         )
+
+
+def test_a_message_arriving_while_the_model_answers_sees_that_answer_in_its_prompt(
+    client: TestClient, db: Session, use_model: Callable[..., None]
+) -> None:
+    bot = make_bot(db, disclose_ai=False)
+    prompts: list[list[dict[str, str]]] = []
+
+    def script(request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        prompts.append(request["messages"])
+        if len(prompts) == 1:
+            # The user writes again while the first answer is being generated.
+            deliver(client, bot, "second")
+        return completion(f"answer {len(prompts)}")
+
+    model = ScriptedModel(script)
+    try:
+        use_model(model.url)
+        deliver(client, bot, "first")
+        run_replies(db)
+    finally:
+        model.close()
+    assert sent_texts(db) == ["answer 1", "answer 2"]
+    # The second turn's prompt: first, its answer, then second — never "first\nsecond".
+    assert [(m["role"], m["content"]) for m in prompts[1][1:]] == [
+        ("user", "first"),
+        ("assistant", "answer 1"),
+        ("user", "second"),
+    ]
