@@ -1,7 +1,7 @@
 # Every target is one line; the scripts hold the logic. `make help` lists them.
 V := .venv/bin
 
-.PHONY: help venv run check test migrate bench
+.PHONY: help venv run check test migrate bench chaos
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | awk -F':.*## ' '{ printf "  make %-8s %s\n", $$1, $$2 }'
@@ -21,5 +21,7 @@ test: ## chromium if missing, check, then every test tier
 migrate: venv ## apply database migrations (DATABASE_URL, or the embedded Postgres)
 	$(V)/parley migrate
 
-bench: venv ## run every benchmark in bench/ (none run in CI)
-	@n=0; for f in bench/[!_]*.py; do [ -e "$$f" ] || continue; n=1; echo "==> $$f"; $(V)/python -m "bench.$$(basename "$$f" .py)" || exit 1; done; [ $$n = 1 ] || echo "no benchmarks yet"
+bench: venv ## ingest, pipeline-overhead and database-scale benchmarks (never in CI)
+	$(V)/python -m bench.ingest && $(V)/python -m bench.pipeline && $(V)/python -m bench.db_scale
+chaos: venv ## fault run: 10,000 deliveries while workers, Redis and Postgres are killed (about 15 min)
+	$(V)/python -m bench.chaos --full

@@ -33,7 +33,7 @@ def broker_url(redis_url: str) -> str:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    visibility = 120
+    visibility = settings.celery_visibility_timeout
     transport: dict[str, Any] = {
         "visibility_timeout": visibility,
         "socket_connect_timeout": 2,
@@ -53,8 +53,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_ignore_result": True,
-        "task_time_limit": 90,
-        "task_soft_time_limit": 80,
+        "task_time_limit": settings.celery_task_time_limit,
+        "task_soft_time_limit": settings.celery_task_soft_time_limit,
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": True,

@@ -102,6 +102,12 @@ class Settings(BaseSettings):
 
     encryption_keys: SecretStr | None = None
 
+    # Celery over Redis: a task not acknowledged within the visibility timeout is redelivered, so
+    # it must exceed the hard time limit (one model call and one send per task run) with margin.
+    celery_visibility_timeout: int = 120
+    celery_task_time_limit: int = 90
+    celery_task_soft_time_limit: int = 80
+
     job_max_attempts: int = 5
     outbox_relay_interval: float = 5.0
     outbox_relay_after: float = 15.0
