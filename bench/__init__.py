@@ -1,0 +1,1 @@
+"""Benchmarks and fault runs; each module runs as ``python -m bench.NAME``."""
