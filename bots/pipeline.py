@@ -17,6 +17,7 @@ took over; the reply is stored before it is sent, so a redelivered task re-sends
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,7 +109,9 @@ def reply(*, job_id: int, message_id: int) -> None:
         conversation_id = found[0]
         holder = f"{job_id}-{uuid.uuid4().hex[:12]}"
         if not lease.acquire(session, conversation_id, holder, lease_seconds()):
-            raise jobs.Defer(1.0, "conversation busy")
+            # The holder answers every pending message before it lets go; the jobs of a busy
+            # conversation only need to look again, spread out so they do not poll in step.
+            raise jobs.Defer(1.0 + random.random() * 2, "conversation busy")  # noqa: S311  # jitter
     try:
         while _turn(conversation_id, holder):
             pass
