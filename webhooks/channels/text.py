@@ -45,7 +45,7 @@ def graphemes(text: str) -> list[str]:
 
 def split_text(text: str, limit: Limit) -> list[str]:
     """The chunks of ``text`` in order; ``[]`` when it has nothing but whitespace."""
-    clusters = graphemes(text.strip())
+    clusters = _trim(graphemes(text))
     costs = [limit.cost(c) for c in clusters]
     chunks: list[str] = []
     start, n = 0, len(clusters)
@@ -64,11 +64,22 @@ def split_text(text: str, limit: Limit) -> list[str]:
             start += 1
         else:
             cut = _best_cut(clusters, start, end)
-            chunks.append("".join(clusters[start:cut]).rstrip())
+            chunks.append("".join(_trim(clusters[start:cut])))
             start = cut
         while start < n and clusters[start].isspace():
             start += 1
     return [c for c in chunks if c]
+
+
+def _trim(clusters: list[str]) -> list[str]:
+    """Drop whitespace-only clusters at both ends (``str.strip`` could cut a space out of the
+    cluster it starts, e.g. a space carrying a combining mark)."""
+    start, end = 0, len(clusters)
+    while start < end and clusters[start].isspace():
+        start += 1
+    while end > start and clusters[end - 1].isspace():
+        end -= 1
+    return clusters[start:end]
 
 
 def _best_cut(clusters: list[str], start: int, end: int) -> int:
