@@ -1,5 +1,13 @@
-"""Instagram adapter (pure). The send path and echo parsing arrive with the channels work; what is
-here already is how an ambiguous send is recognised in an echo.
+"""Instagram adapter (pure): webhook payload → events, and how an ambiguous send is recognised in
+an echo.
+
+Webhooks (``object: instagram``) use Messenger's envelope — ``entry[].messaging[]`` and
+``standby[]`` with the IG professional account id as ``entry.id``, the IGSID as ``sender.id`` —
+and are read by :func:`webhooks.channels.messenger.parse_page`: text, attachments (image,
+video, audio, file, share, ig_reel, reel, ig_post), story replies (``message.reply_to.story``)
+and mentions (``story_mention`` attachments), unsend (``is_deleted``), ``is_unsupported``,
+echoes (``is_echo``), reactions, seen (``read.mid``), postbacks, quick replies, referrals and
+handover events.
 
 Instagram documents no correlation field that comes back in its ``is_echo`` events (Messenger
 echoes ``metadata``; WhatsApp echoes ``biz_opaque_callback_data``), so a send whose answer was
@@ -13,9 +21,19 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
+
+from webhooks.channels.events import ChannelEvent, MessageEcho
+from webhooks.channels.messenger import parse_page
 
 CHANNEL = "instagram"
+OBJECT = "instagram"
 MATCH_WINDOW = timedelta(seconds=60)
+
+
+def parse(payload: Any) -> list[ChannelEvent]:
+    """Translate one Instagram webhook body (already JSON-decoded) into events. Never raises."""
+    return parse_page(payload, channel=CHANNEL, obj=OBJECT)
 
 
 def text_hash(text: str) -> str:
@@ -62,3 +80,10 @@ def match_echo(
         if best_key is None or key < best_key:
             best, best_key = candidate, key
     return best
+
+
+def echo_of(event: MessageEcho) -> Echo | None:
+    """The :class:`Echo` to match against ambiguous sends, for an echo that carries text."""
+    if event.text is None:
+        return None
+    return Echo(recipient=event.contact_id, text_hash=text_hash(event.text), at=event.timestamp)

@@ -1,129 +1,501 @@
 """WhatsApp Cloud API adapter: webhook payload → events, reply → send request, error → class.
 
-Payload shape (``object: whatsapp_business_account``): ``entry[].changes[].value`` with
-``metadata.phone_number_id``, ``contacts[]`` (matched to messages by ``wa_id``, never by
-position), ``messages[]`` and ``statuses[]``. Every entry, change, message and status is read.
+Payload shape (``object: whatsapp_business_account``): ``entry[].changes[]`` with a ``field`` and
+a ``value``. For ``field: messages`` the value has ``metadata.phone_number_id``, ``contacts[]``
+(matched to messages by ``wa_id``, never by position), ``messages[]``, ``statuses[]`` and
+``errors[]``; ``user_preferences`` and ``message_template_status_update`` have their own values;
+every other field is acknowledged and recorded as ``Unhandled("field:<name>")``. Every entry,
+change, message and status is read, and a malformed one never hides the others.
+
+``parse_events`` returns every kind of :data:`~webhooks.channels.events.ChannelEvent`.
+``parse`` is the view the intake service consumes today: the same walk, with every kind other
+than text and statuses reported as ``Unhandled`` under its earlier reason
+(``message_type:<type>``, ``field:<name>``) and its raw message or change.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 from webhooks.channels import meta
-from webhooks.channels.events import Event, InboundText, StatusUpdate, Unhandled
+from webhooks.channels.events import (
+    PAYLOAD_MAX,
+    TEXT_MAX,
+    URL_MAX,
+    ChannelEvent,
+    Event,
+    InboundChoice,
+    InboundContacts,
+    InboundLocation,
+    InboundMedia,
+    InboundText,
+    InboundUnsupported,
+    MarketingPreference,
+    Media,
+    MessageDeleted,
+    MessageEdited,
+    Reaction,
+    Referral,
+    SharedContact,
+    SharedPhone,
+    StatusUpdate,
+    TemplateStatus,
+    Unhandled,
+    label,
+    read_dict,
+    read_flag,
+    read_float,
+    read_id,
+    read_int,
+    read_list,
+    read_str,
+    read_time,
+)
 
 CHANNEL = "whatsapp"
 TEXT_LIMIT = 4096
-
-
-def _ts(value: Any) -> datetime:
-    try:
-        return datetime.fromtimestamp(int(value), tz=UTC)
-    except (TypeError, ValueError, OverflowError, OSError):
-        return datetime.now(UTC)
+MEDIA_TYPES = ("image", "video", "audio", "document", "sticker")
 
 
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
+def parse_events(payload: Any) -> list[ChannelEvent]:
+    """Translate one webhook body (already JSON-decoded) into events. Never raises."""
+    events: list[ChannelEvent] = []
+    for item in _changes(payload):
+        if isinstance(item, Unhandled):
+            events.append(item)
+            continue
+        waba_id, entry_time, change = item
+        field_name = change.get("field")
+        if field_name == "messages":
+            events.extend(event for event, _ in _messages_change(change))
+        elif field_name == "user_preferences":
+            events.extend(_user_preferences(change))
+        elif field_name == "message_template_status_update":
+            events.append(_template_status(waba_id, entry_time, change))
+        else:
+            events.append(_other_field(change))
+    return events
 
 
 def parse(payload: Any) -> list[Event]:
-    """Translate one webhook body (already JSON-decoded) into events. Never raises."""
+    """The intake service's view of :func:`parse_events` (text, statuses, the rest Unhandled).
+    Never raises."""
+    events: list[Event] = []
+    for item in _changes(payload):
+        if isinstance(item, Unhandled):
+            events.append(item)
+            continue
+        _, _, change = item
+        if change.get("field") != "messages":
+            events.append(_other_field(change))
+            continue
+        for event, source in _messages_change(change):
+            if isinstance(event, InboundText | StatusUpdate | Unhandled):
+                events.append(event)
+            else:
+                kind = label(read_dict(source).get("type"))
+                events.append(Unhandled(CHANNEL, event.account_id, f"message_type:{kind}", source))
+    return events
+
+
+# --- envelope ---------------------------------------------------------------------------------
+
+
+def _changes(
+    payload: Any,
+) -> Iterator[Unhandled | tuple[str | None, datetime | None, dict[str, Any]]]:
+    """Every change of every entry, with its entry's WABA id and time, or an Unhandled for a
+    shape that is not one."""
     if not isinstance(payload, dict) or payload.get("object") != "whatsapp_business_account":
-        return [Unhandled(CHANNEL, None, "unknown_object", payload)]
+        yield Unhandled(CHANNEL, None, "unknown_object", payload)
+        return
     entries = payload.get("entry")
     if not isinstance(entries, list):
-        return [Unhandled(CHANNEL, None, "no_entries", payload)]
-    events: list[Event] = []
+        yield Unhandled(CHANNEL, None, "no_entries", payload)
+        return
     for entry in entries:
         changes = entry.get("changes") if isinstance(entry, dict) else None
         if not isinstance(changes, list):
-            events.append(Unhandled(CHANNEL, None, "malformed_entry", entry))
+            yield Unhandled(CHANNEL, None, "malformed_entry", entry)
             continue
+        waba_id = read_id(entry.get("id"))
+        entry_time = read_time(entry.get("time"), millis=False)
         for change in changes:
-            events.extend(_parse_change(change))
-    return events
+            if isinstance(change, dict):
+                yield waba_id, entry_time, change
+            else:
+                yield Unhandled(CHANNEL, None, "malformed_change", change)
 
 
-def _parse_change(change: Any) -> list[Event]:
-    if not isinstance(change, dict):
-        return [Unhandled(CHANNEL, None, "malformed_change", change)]
+def _phone_number_id(value: Any) -> str | None:
+    return read_id(read_dict(read_dict(value).get("metadata")).get("phone_number_id"))
+
+
+def _other_field(change: dict[str, Any]) -> Unhandled:
+    account = _phone_number_id(change.get("value"))
+    return Unhandled(CHANNEL, account, f"field:{label(change.get('field'))}", change)
+
+
+# --- field: messages --------------------------------------------------------------------------
+
+
+def _messages_change(change: dict[str, Any]) -> list[tuple[ChannelEvent, Any]]:
+    """The events of one ``messages`` change, each with the raw object it was read from."""
     value = change.get("value")
-    field_name = change.get("field")
-    account = None
-    if isinstance(value, dict) and isinstance(value.get("metadata"), dict):
-        account = _str(value["metadata"].get("phone_number_id"))
-    if field_name != "messages":
-        return [Unhandled(CHANNEL, account, f"field:{field_name}", change)]
+    account = _phone_number_id(value)
     if not isinstance(value, dict) or account is None:
-        return [Unhandled(CHANNEL, account, "malformed_value", change)]
-    for key in ("contacts", "messages", "statuses"):
+        return [(Unhandled(CHANNEL, account, "malformed_value", change), change)]
+    for key in ("contacts", "messages", "statuses", "errors"):
         if key in value and not isinstance(value[key], list):
-            return [Unhandled(CHANNEL, account, f"malformed_{key}", change)]
+            return [(Unhandled(CHANNEL, account, f"malformed_{key}", change), change)]
     names: dict[str, str | None] = {}
-    for contact in _list(value.get("contacts")):
-        if isinstance(contact, dict) and _str(contact.get("wa_id")):
-            profile = contact.get("profile")
-            names[contact["wa_id"]] = (
-                _str(profile.get("name")) if isinstance(profile, dict) else None
-            )
-    events: list[Event] = []
-    for message in _list(value.get("messages")):
-        events.append(_parse_message(account, message, names))
-    for status in _list(value.get("statuses")):
-        events.append(_parse_status(account, status))
+    for contact in read_list(value.get("contacts")):
+        wa_id = read_id(read_dict(contact).get("wa_id"))
+        if wa_id is not None:
+            names[wa_id] = read_str(read_dict(contact.get("profile")).get("name"))
+    events: list[tuple[ChannelEvent, Any]] = []
+    for message in read_list(value.get("messages")):
+        events.append((_message(account, message, names), message))
+    for status in read_list(value.get("statuses")):
+        events.append((_status(account, status), status))
+    errors = read_list(value.get("errors"))
+    if errors:
+        # Out-of-band errors about the number or the webhook itself, not about one message.
+        events.append((Unhandled(CHANNEL, account, "errors", errors), errors))
     if not events:
-        events.append(Unhandled(CHANNEL, account, "empty_change", change))
+        events.append((Unhandled(CHANNEL, account, "empty_change", change), change))
     return events
 
 
-def _parse_message(account: str, message: Any, names: dict[str, str | None]) -> Event:
+def _message(account: str, message: Any, names: dict[str, str | None]) -> ChannelEvent:
     if not isinstance(message, dict):
         return Unhandled(CHANNEL, account, "malformed_message", message)
-    sender, message_id = _str(message.get("from")), _str(message.get("id"))
-    if sender is None or message_id is None:
+    sender, message_id = read_id(message.get("from")), read_id(message.get("id"))
+    when = read_time(message.get("timestamp"), millis=False)
+    if sender is None or message_id is None or when is None:
         return Unhandled(CHANNEL, account, "malformed_message", message)
     kind = message.get("type")
-    text = message.get("text")
-    if kind == "text" and isinstance(text, dict) and isinstance(text.get("body"), str):
-        context = message.get("context")
+    body = read_dict(message.get(kind)) if isinstance(kind, str) else {}
+    context = read_dict(message.get("context"))
+    name = names.get(sender)
+    reply_to = read_id(context.get("id"))
+    forwarded = read_flag(context.get("forwarded"))
+    frequently = read_flag(context.get("frequently_forwarded"))
+    referral = _referral(message.get("referral"))
+    malformed = Unhandled(CHANNEL, account, "malformed_message", message)
+
+    if kind == "text":
+        text = read_str(body.get("body"), TEXT_MAX)
+        if text is None:
+            return malformed
         return InboundText(
+            CHANNEL,
+            account,
+            sender,
+            name,
+            message_id,
+            when,
+            text,
+            reply_to=reply_to,
+            forwarded=forwarded,
+            frequently_forwarded=frequently,
+            referral=referral,
+        )
+    if kind in MEDIA_TYPES:
+        media = _media(kind, body)
+        if media is None:
+            return malformed
+        return InboundMedia(
             channel=CHANNEL,
             account_id=account,
             contact_id=sender,
-            contact_name=names.get(sender),
+            contact_name=name,
             message_id=message_id,
-            timestamp=_ts(message.get("timestamp")),
-            text=text["body"],
-            reply_to=_str(context.get("id")) if isinstance(context, dict) else None,
+            timestamp=when,
+            media=(media,),
+            caption=read_str(body.get("caption"), TEXT_MAX),
+            reply_to=reply_to,
+            forwarded=forwarded,
+            frequently_forwarded=frequently,
+            referral=referral,
         )
-    return Unhandled(CHANNEL, account, f"message_type:{kind}", message)
+    if kind == "location":
+        latitude = read_float(body.get("latitude"), 90.0)
+        longitude = read_float(body.get("longitude"), 180.0)
+        if latitude is None or longitude is None:
+            return malformed
+        return InboundLocation(
+            channel=CHANNEL,
+            account_id=account,
+            contact_id=sender,
+            contact_name=name,
+            message_id=message_id,
+            timestamp=when,
+            latitude=latitude,
+            longitude=longitude,
+            name=read_str(body.get("name")),
+            address=read_str(body.get("address")),
+            url=read_str(body.get("url"), URL_MAX),
+            reply_to=reply_to,
+            forwarded=forwarded,
+            frequently_forwarded=frequently,
+            referral=referral,
+        )
+    if kind == "contacts":
+        cards = tuple(
+            card for card in map(_shared_contact, read_list(message.get("contacts"))) if card
+        )
+        if not cards:
+            return malformed
+        return InboundContacts(
+            channel=CHANNEL,
+            account_id=account,
+            contact_id=sender,
+            contact_name=name,
+            message_id=message_id,
+            timestamp=when,
+            contacts=cards,
+            reply_to=reply_to,
+            forwarded=forwarded,
+            frequently_forwarded=frequently,
+            referral=referral,
+        )
+    if kind in ("interactive", "button"):
+        if kind == "button":
+            choice, payload, title, description = (
+                "template_button",
+                read_str(body.get("payload"), PAYLOAD_MAX),
+                read_str(body.get("text")),
+                None,
+            )
+        else:
+            sub = body.get("type")
+            if not isinstance(sub, str) or sub not in ("button_reply", "list_reply"):
+                return Unhandled(
+                    CHANNEL, account, f"message_type:interactive:{label(sub)}", message
+                )
+            choice = sub
+            reply = read_dict(body.get(choice))
+            payload = read_str(reply.get("id"), PAYLOAD_MAX)
+            title = read_str(reply.get("title"))
+            description = read_str(reply.get("description"))
+        if payload is None:
+            return malformed
+        return InboundChoice(
+            channel=CHANNEL,
+            account_id=account,
+            contact_id=sender,
+            contact_name=name,
+            message_id=message_id,
+            timestamp=when,
+            kind=choice,
+            payload=payload,
+            title=title,
+            description=description,
+            reply_to=reply_to,
+            referral=referral,
+        )
+    if kind == "reaction":
+        target = read_id(body.get("message_id"))
+        if target is None:
+            return malformed
+        emoji = read_str(body.get("emoji"))
+        return Reaction(
+            channel=CHANNEL,
+            account_id=account,
+            contact_id=sender,
+            target_message_id=target,
+            timestamp=when,
+            emoji=emoji,
+            removed=emoji is None,
+            message_id=message_id,
+        )
+    if kind == "edit":
+        original = read_id(body.get("original_message_id"))
+        edited = read_dict(body.get("message"))
+        new_kind = edited.get("type")
+        new_body = read_dict(edited.get(new_kind)) if isinstance(new_kind, str) else {}
+        if new_kind == "text":
+            text, media = read_str(new_body.get("body"), TEXT_MAX), None
+        elif new_kind in MEDIA_TYPES:
+            text, media = read_str(new_body.get("caption"), TEXT_MAX), _media(new_kind, new_body)
+        else:
+            text, media = None, None
+        if original is None or (text is None and media is None):
+            return malformed
+        return MessageEdited(
+            channel=CHANNEL,
+            account_id=account,
+            contact_id=sender,
+            original_message_id=original,
+            timestamp=when,
+            text=text,
+            media=(media,) if media else (),
+            message_id=message_id,
+        )
+    if kind == "revoke":
+        original = read_id(body.get("original_message_id"))
+        if original is None:
+            return malformed
+        return MessageDeleted(
+            channel=CHANNEL,
+            account_id=account,
+            contact_id=sender,
+            original_message_id=original,
+            timestamp=when,
+            message_id=message_id,
+        )
+    if kind in ("unsupported", "unknown"):
+        codes = (read_int(read_dict(e).get("code")) for e in read_list(message.get("errors")))
+        return InboundUnsupported(
+            channel=CHANNEL,
+            account_id=account,
+            contact_id=sender,
+            contact_name=name,
+            message_id=message_id,
+            timestamp=when,
+            error_codes=tuple(code for code in codes if code is not None),
+            unsupported_type=read_str(body.get("type")),
+        )
+    return Unhandled(CHANNEL, account, f"message_type:{label(kind)}", message)
 
 
-def _parse_status(account: str, status: Any) -> Event:
+def _media(kind: str, body: dict[str, Any]) -> Media | None:
+    media_id = read_id(body.get("id"))
+    if media_id is None:
+        return None
+    return Media(
+        kind=kind,
+        media_id=media_id,
+        url=read_str(body.get("url"), URL_MAX),
+        mime_type=read_str(body.get("mime_type")),
+        sha256=read_str(body.get("sha256")),
+        filename=read_str(body.get("filename")),
+        voice=read_flag(body.get("voice")),
+        animated=read_flag(body.get("animated")),
+    )
+
+
+def _shared_contact(card: Any) -> SharedContact | None:
+    card = read_dict(card)
+    name = read_dict(card.get("name"))
+    full = read_str(name.get("formatted_name")) or " ".join(
+        part for part in (read_str(name.get("first_name")), read_str(name.get("last_name"))) if part
+    )
+    phones = tuple(
+        SharedPhone(
+            phone=read_str(phone.get("phone")),
+            wa_id=read_id(phone.get("wa_id")),
+            type=read_str(phone.get("type")),
+        )
+        for phone in map(read_dict, read_list(card.get("phones")))
+        if read_str(phone.get("phone")) or read_id(phone.get("wa_id"))
+    )
+    emails = tuple(
+        email
+        for email in (read_str(read_dict(e).get("email")) for e in read_list(card.get("emails")))
+        if email
+    )
+    organization = read_str(read_dict(card.get("org")).get("company"))
+    if not (full or phones or emails):
+        return None
+    return SharedContact(name=full or None, phones=phones, emails=emails, organization=organization)
+
+
+def _referral(value: Any) -> Referral | None:
+    """Click-to-WhatsApp ad metadata carried by the first message of a conversation."""
+    if not isinstance(value, dict):
+        return None
+    referral = Referral(
+        source=read_str(value.get("source_type")),
+        source_id=read_id(value.get("source_id")),
+        source_url=read_str(value.get("source_url"), URL_MAX),
+        headline=read_str(value.get("headline")),
+        body=read_str(value.get("body"), TEXT_MAX),
+        media_type=read_str(value.get("media_type")),
+        image_url=read_str(value.get("image_url"), URL_MAX),
+        video_url=read_str(value.get("video_url"), URL_MAX),
+        thumbnail_url=read_str(value.get("thumbnail_url"), URL_MAX),
+        ctwa_clid=read_str(value.get("ctwa_clid"), PAYLOAD_MAX),
+    )
+    return None if referral == Referral() else referral
+
+
+def _status(account: str, status: Any) -> Event:
     if not isinstance(status, dict):
         return Unhandled(CHANNEL, account, "malformed_status", status)
-    message_id, state = _str(status.get("id")), _str(status.get("status"))
-    if message_id is None or state is None:
+    message_id, state = read_id(status.get("id")), read_str(status.get("status"), 32)
+    when = read_time(status.get("timestamp"), millis=False)
+    if message_id is None or state is None or when is None:
         return Unhandled(CHANNEL, account, "malformed_status", status)
-    code = None
-    errors = status.get("errors")
-    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
-        raw_code = errors[0].get("code")
-        code = raw_code if isinstance(raw_code, int) else None
+    errors = read_list(status.get("errors"))
     return StatusUpdate(
         channel=CHANNEL,
         account_id=account,
         message_id=message_id,
         status=state,
-        timestamp=_ts(status.get("timestamp")),
-        error_code=code,
-        callback_data=_str(status.get("biz_opaque_callback_data")),
+        timestamp=when,
+        error_code=read_int(read_dict(errors[0]).get("code")) if errors else None,
+        callback_data=read_str(status.get("biz_opaque_callback_data"), PAYLOAD_MAX),
+    )
+
+
+# --- other fields -----------------------------------------------------------------------------
+
+
+def _user_preferences(change: dict[str, Any]) -> list[ChannelEvent]:
+    """Marketing-message stop / resume, one event per preference."""
+    value = change.get("value")
+    account = _phone_number_id(value)
+    preferences = read_dict(value).get("user_preferences")
+    if account is None or not isinstance(preferences, list) or not preferences:
+        return [Unhandled(CHANNEL, account, "field:user_preferences", change)]
+    events: list[ChannelEvent] = []
+    for item in preferences:
+        preference = read_dict(item)
+        contact = read_id(preference.get("wa_id"))
+        when = read_time(preference.get("timestamp"), millis=False)
+        choice = preference.get("value")
+        if contact is None or when is None or choice not in ("stop", "resume"):
+            events.append(Unhandled(CHANNEL, account, "malformed_user_preference", item))
+            continue
+        events.append(
+            MarketingPreference(
+                channel=CHANNEL,
+                account_id=account,
+                contact_id=contact,
+                timestamp=when,
+                value=choice,
+                category=read_str(preference.get("category")),
+                detail=read_str(preference.get("detail")),
+            )
+        )
+    return events
+
+
+def _template_status(
+    waba_id: str | None, entry_time: datetime | None, change: dict[str, Any]
+) -> ChannelEvent:
+    value = read_dict(change.get("value"))
+    name = read_str(value.get("message_template_name"))
+    status = read_str(value.get("event"), 64)
+    if waba_id is None or name is None or status is None:
+        return Unhandled(CHANNEL, waba_id, "field:message_template_status_update", change)
+    return TemplateStatus(
+        channel=CHANNEL,
+        account_id=waba_id,
+        name=name,
+        status=status,
+        language=read_str(value.get("message_template_language"), 64),
+        template_id=read_id(value.get("message_template_id")),
+        reason=read_str(value.get("reason")),
+        timestamp=entry_time,
     )
 
 
