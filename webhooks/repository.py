@@ -471,13 +471,18 @@ _APPLY_STATUSES = text(
             CAST(:failed AS boolean[]), CAST(:codes AS int[])
         ) AS v(app_id, channel, account, wamid, callback, rank, failed, code)
     ), hit AS (
+        -- Two lookups, each on its own unique index, instead of one OR join (which the
+        -- planner turns into a scan of every chunk of the account).
         SELECT DISTINCT ON (c.id) c.id, v.wamid, v.rank, v.failed, v.code
           FROM v
-          JOIN outbound_chunks AS c
-            ON c.channel = v.channel
-           AND (c.provider_message_id = v.wamid
-                OR (v.callback IS NOT NULL AND c.idempotency_key = v.callback
-                    AND c.state IN ('sending', 'unknown')))
+          CROSS JOIN LATERAL (
+                SELECT c1.id, c1.conversation_id FROM outbound_chunks AS c1
+                 WHERE c1.channel = v.channel AND c1.provider_message_id = v.wamid
+                UNION
+                SELECT c2.id, c2.conversation_id FROM outbound_chunks AS c2
+                 WHERE v.callback IS NOT NULL AND c2.idempotency_key = v.callback
+                   AND c2.channel = v.channel AND c2.state IN ('sending', 'unknown')
+          ) AS c
           JOIN conversations AS cv ON cv.id = c.conversation_id
           JOIN channel_accounts AS a
             ON a.id = cv.channel_account_id AND a.external_id = v.account
