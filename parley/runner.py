@@ -98,7 +98,8 @@ def children(settings: Settings) -> dict[str, list[str]]:
     return {
         "api": [*py, "api"],
         "worker-conversations": [*py, "worker", "--queues", "conversations", "--concurrency", "2"],
-        "worker-send": [*py, "worker", "--queues", "send,maintenance", "--concurrency", "4"],
+        "worker-send": [*py, "worker", "--queues", "send", "--concurrency", "4"],
+        "worker-maintenance": [*py, "worker", "--queues", "maintenance", "--concurrency", "1"],
         "beat": [*py, "beat"],
     }
 
