@@ -129,6 +129,21 @@ def migrate() -> None:
     typer.echo(f"database at {migrations.current(engine)}")
 
 
+@app.command()
+def status() -> None:
+    """Print the platform at a glance: traffic, outcomes, queues, accounts, model servers."""
+    import json
+
+    from core.db import make_sessionmaker, session_scope
+    from dashboard.overview import overview
+    from parley.runtime import adopt_running_platform
+
+    settings = adopt_running_platform()
+    with session_scope(make_sessionmaker()) as session:
+        view = overview(session, settings)
+    typer.echo(json.dumps(view.as_dict(), indent=2, sort_keys=True))
+
+
 @bots_app.command("apply")
 def bots_apply(
     file: Annotated[Path, typer.Option("-f", "--file", help="bots YAML file")],
