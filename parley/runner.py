@@ -133,7 +133,7 @@ def run() -> int:
             return 1
         say("ready:")
         say(f"  API        {api}   (docs: {api}/docs, health: {api}/readyz)")
-        say("  dashboard  arrives with the admin dashboard; until then use the API and logs")
+        say("  status     .venv/bin/parley status   (the dashboard's overview, as JSON)")
         say(f"  chat       .venv/bin/parley chat  (WhatsApp number {DEMO_PHONE_NUMBER_ID})")
         say("  stop       Ctrl-C")
         return _supervise(procs)
