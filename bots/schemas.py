@@ -18,6 +18,12 @@ class MetaAppSpec(_Strict):
     app_id: str | None = None
     app_secret: str = Field(min_length=1)
     verify_token: str = Field(min_length=1)
+    # Each channel's handshake uses its own token when given, else ``verify_token``.
+    messenger_verify_token: str | None = Field(None, min_length=1)
+    instagram_verify_token: str | None = Field(None, min_length=1)
+    # Signs /webhooks/instagram instead of ``app_secret`` when set: Instagram API with
+    # Instagram Login may sign with the Instagram app's secret (UNVERIFIED).
+    instagram_app_secret: str | None = Field(None, min_length=1)
 
 
 class GenerationSpec(_Strict):

@@ -76,6 +76,9 @@ def apply_bots(session: Session, spec: BotsFile) -> ApplyReport:
                 "app_id": app_spec.app_id,
                 "app_secret": app_spec.app_secret,
                 "verify_token": app_spec.verify_token,
+                "messenger_verify_token": app_spec.messenger_verify_token,
+                "instagram_verify_token": app_spec.instagram_verify_token,
+                "instagram_app_secret": app_spec.instagram_app_secret,
             },
         )
         session.flush()

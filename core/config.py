@@ -77,6 +77,17 @@ class Settings(BaseSettings):
     # Customer-service window: a reply whose conversation's last inbound message is older than
     # this is not sent (outcome window_expired).
     send_window_hours: float = 24.0
+    # Messenger/Instagram: a person's message (kind "human") may still go out this many hours
+    # after the user's last message, tagged HUMAN_AGENT; bot messages never carry the tag.
+    send_human_agent_hours: float = Field(default=168.0, ge=0)
+    # Instagram sends go to this Graph API base (empty: graph_api_url). Set it to
+    # https://graph.instagram.com for accounts connected through Instagram Login.
+    instagram_graph_api_url: str | None = None
+    # Mark-as-read and typing indicators (job webhooks.send_typing): a typing indicator is shown
+    # only for an inbound message younger than this many seconds (older ones are only marked
+    # read), and a failed request is retried at most once, after typing_retry_delay seconds.
+    typing_max_age: float = Field(default=20.0, ge=0)
+    typing_retry_delay: float = Field(default=0.5, ge=0)
     # Token buckets per channel account (messages/s; WhatsApp up to 1,000 after Meta's upgrade)
     # and per (WhatsApp number, recipient) pair: one message per interval, with a burst.
     send_rate_whatsapp: float = Field(default=80.0, gt=0, le=1000)
@@ -99,6 +110,19 @@ class Settings(BaseSettings):
     # status_batch_wait seconds per transaction (0 max turns batching off).
     status_batch_max: int = Field(default=50, ge=0)
     status_batch_wait: float = 0.005
+
+    # Media downloads (webhooks.media). Size cap in bytes; host allow-list (comma-separated;
+    # "*." matches any subdomain, another "*" part of one label; the Graph API host is always
+    # added); redirects followed by hand, each re-vetted; per-request timeout and a deadline for
+    # a whole download, seconds. media_sandbox_loopback lets the Graph API URL's own origin
+    # resolve to loopback, for the sandbox: development with the sandbox on only, never in
+    # production.
+    media_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    media_allowed_hosts: str = "lookaside.fbsbx.com,*.fbcdn.net,*.cdninstagram.com"
+    media_max_redirects: int = Field(default=3, ge=0)
+    media_timeout: float = Field(default=15.0, gt=0)
+    media_deadline: float = Field(default=60.0, gt=0)
+    media_sandbox_loopback: bool = False
 
     encryption_keys: SecretStr | None = None
 

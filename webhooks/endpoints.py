@@ -44,22 +44,51 @@ async def bounded_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-@router.get("/whatsapp", response_class=PlainTextResponse)
-def verify_whatsapp(
-    factory: Factory,
-    mode: Annotated[str | None, Query(alias="hub.mode")] = None,
-    token: Annotated[str | None, Query(alias="hub.verify_token")] = None,
-    challenge: Annotated[str | None, Query(alias="hub.challenge")] = None,
+def _handshake(
+    factory: sessionmaker[Session],
+    channel: str,
+    mode: str | None,
+    token: str | None,
+    challenge: str | None,
 ) -> PlainTextResponse:
-    """Meta's subscription handshake: echo ``hub.challenge`` when the token matches."""
+    """Meta's subscription handshake: echo ``hub.challenge`` when the token matches one of the
+    channel's verify tokens (``MetaApp.verify_token`` or that channel's own token)."""
     with session_scope(factory) as session:
         try:
-            answer = service.verify_handshake(session, meta.Handshake(mode, token, challenge))
+            answer = service.verify_handshake(
+                session, meta.Handshake(mode, token, challenge), channel
+            )
         except meta.HandshakeError as exc:
             if exc.status == 400:
                 raise BadRequest(exc.reason, code="missing_challenge") from exc
             raise Forbidden(exc.reason) from exc
     return PlainTextResponse(answer)
+
+
+Mode = Annotated[str | None, Query(alias="hub.mode")]
+Token = Annotated[str | None, Query(alias="hub.verify_token")]
+Challenge = Annotated[str | None, Query(alias="hub.challenge")]
+
+
+@router.get("/whatsapp", response_class=PlainTextResponse)
+def verify_whatsapp(
+    factory: Factory, mode: Mode = None, token: Token = None, challenge: Challenge = None
+) -> PlainTextResponse:
+    return _handshake(factory, "whatsapp", mode, token, challenge)
+
+
+@router.get("/messenger", response_class=PlainTextResponse)
+def verify_messenger(
+    factory: Factory, mode: Mode = None, token: Token = None, challenge: Challenge = None
+) -> PlainTextResponse:
+    return _handshake(factory, "messenger", mode, token, challenge)
+
+
+@router.get("/instagram", response_class=PlainTextResponse)
+def verify_instagram(
+    factory: Factory, mode: Mode = None, token: Token = None, challenge: Challenge = None
+) -> PlainTextResponse:
+    return _handshake(factory, "instagram", mode, token, challenge)
 
 
 _batcher_lock = threading.Lock()
@@ -88,10 +117,11 @@ def receive_whatsapp(
     factory: Factory,
     body: Annotated[bytes, Depends(bounded_body)],
 ) -> JSONResponse:
-    """Store every message of the delivery, then answer 200 (only after the commit).
+    """Store every event of the delivery, then answer 200 (only after the commit).
 
     A delivery of statuses only is group-committed with other such deliveries and answered
-    once its batch is committed; anything else commits in this request."""
+    once its batch is committed; anything else commits in this request. If any event fails
+    the whole delivery rolls back and the answer is 5xx, so Meta delivers it again."""
     signature = request.headers.get("x-hub-signature-256")
     batcher = None
     with session_scope(factory) as session:
@@ -102,12 +132,36 @@ def receive_whatsapp(
             result = service.store_whatsapp(session, app, events)
     if batcher is not None:
         result = service.apply_status_batch(batcher, app, events)
-    return JSONResponse(
-        {
-            "stored": len(result.stored),
-            "duplicates": result.duplicates,
-            "statuses": result.statuses,
-            "unhandled": result.unhandled,
-            "unroutable": result.unroutable,
-        }
-    )
+    return JSONResponse(result.as_json())
+
+
+def _receive(
+    factory: sessionmaker[Session], channel: str, body: bytes, signature: str | None
+) -> JSONResponse:
+    with session_scope(factory) as session:
+        app, events = service.read_delivery(session, channel, body, signature)
+        result = service.store_events(session, app, events, channel=channel)
+    return JSONResponse(result.as_json())
+
+
+@router.post("/messenger")
+def receive_messenger(
+    request: Request,
+    factory: Factory,
+    body: Annotated[bytes, Depends(bounded_body)],
+) -> JSONResponse:
+    """Messenger (``object: page``): every ``entry[].messaging[]``/``standby[]`` event in one
+    transaction, answered 200 after the commit; signed with the Meta app's secret."""
+    return _receive(factory, "messenger", body, request.headers.get("x-hub-signature-256"))
+
+
+@router.post("/instagram")
+def receive_instagram(
+    request: Request,
+    factory: Factory,
+    body: Annotated[bytes, Depends(bounded_body)],
+) -> JSONResponse:
+    """Instagram (``object: instagram``), as Messenger. Signed with the app's
+    ``instagram_app_secret`` when set, else its app secret (UNVERIFIED: Instagram API with
+    Instagram Login may sign with the Instagram app's secret)."""
+    return _receive(factory, "instagram", body, request.headers.get("x-hub-signature-256"))

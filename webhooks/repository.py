@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, select, text, update
+from sqlalchemy import exists, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.elements import ColumnElement
 
 from core.models import (
     ChannelAccount,
@@ -17,8 +18,11 @@ from core.models import (
     Conversation,
     Message,
     MetaApp,
+    OptIn,
     OutboundChunk,
     Outcome,
+    Reaction,
+    Template,
     UnhandledEvent,
 )
 from webhooks.channels.events import StatusUpdate
@@ -30,15 +34,40 @@ class AppSecrets:
     workspace_id: int
     app_secret: str
     verify_token: str
+    app_id: str | None = None  # Meta's id of the app (echoes and handover events name it)
+    messenger_verify_token: str | None = None
+    instagram_verify_token: str | None = None
+    instagram_app_secret: str | None = None
+
+    def secret_for(self, channel: str) -> str:
+        """The secret that signs ``channel``'s webhooks."""
+        if channel == "instagram" and self.instagram_app_secret:
+            return self.instagram_app_secret
+        return self.app_secret
+
+    def verify_token_for(self, channel: str) -> str:
+        """The token ``channel``'s handshake must present."""
+        own = {
+            "messenger": self.messenger_verify_token,
+            "instagram": self.instagram_verify_token,
+        }.get(channel)
+        return own or self.verify_token
 
 
 def meta_apps(session: Session) -> list[AppSecrets]:
     rows = session.execute(
-        select(MetaApp.id, MetaApp.workspace_id, MetaApp.app_secret, MetaApp.verify_token).order_by(
-            MetaApp.id
-        )
+        select(
+            MetaApp.id,
+            MetaApp.workspace_id,
+            MetaApp.app_secret,
+            MetaApp.verify_token,
+            MetaApp.app_id,
+            MetaApp.messenger_verify_token,
+            MetaApp.instagram_verify_token,
+            MetaApp.instagram_app_secret,
+        ).order_by(MetaApp.id)
     ).all()
-    return [AppSecrets(r.id, r.workspace_id, r.app_secret, r.verify_token) for r in rows]
+    return [AppSecrets(*r) for r in rows]
 
 
 def channel_account(session: Session, channel: str, external_id: str) -> ChannelAccount | None:
@@ -100,7 +129,9 @@ def insert_inbound(
     channel: str,
     provider_message_id: str,
     provider_ts: datetime,
-    body: str,
+    body: str | None,
+    kind: str = "text",
+    content: str | None = None,
 ) -> int | None:
     """Store one inbound message; None when this provider id was already stored."""
     return session.execute(
@@ -110,10 +141,11 @@ def insert_inbound(
             conversation_id=conversation,
             direction="in",
             channel=channel,
-            kind="text",
+            kind=kind,
             provider_message_id=provider_message_id,
             provider_ts=provider_ts,
             body=body,
+            content=content,
             status="received",
             attempts=0,
         )
@@ -123,8 +155,11 @@ def insert_inbound(
 
 
 def touch_conversation(session: Session, conversation: int, at: datetime) -> None:
+    """Open the messaging window at ``at``; it never moves back (deliveries come out of order)."""
     session.execute(
-        update(Conversation).where(Conversation.id == conversation).values(last_inbound_at=at)
+        update(Conversation)
+        .where(Conversation.id == conversation)
+        .values(last_inbound_at=func.greatest(Conversation.last_inbound_at, at))
     )
 
 
@@ -138,6 +173,412 @@ def app_secret_for_account(session: Session, channel: str, external_id: str) -> 
         select(MetaApp.app_secret)
         .join(ChannelAccount, ChannelAccount.meta_app_id == MetaApp.id)
         .where(ChannelAccount.channel == channel, ChannelAccount.external_id == external_id)
+    ).scalar()
+
+
+# --- intake of every event kind --------------------------------------------------------------
+
+
+def routed_account(
+    session: Session, *, channel: str, external_id: str, meta_app_id: int
+) -> ChannelAccount | None:
+    """The channel account ``external_id`` if the Meta app that signed the webhook owns it."""
+    account = channel_account(session, channel, external_id)
+    if account is None or account.meta_app_id != meta_app_id:
+        return None
+    return account
+
+
+def find_conversation(session: Session, *, account: ChannelAccount, contact: str) -> int | None:
+    """The conversation of ``account`` with the contact whose channel id is ``contact``."""
+    return session.execute(
+        select(Conversation.id)
+        .join(Contact, Contact.id == Conversation.contact_id)
+        .where(
+            Conversation.channel_account_id == account.id,
+            Contact.channel == account.channel,
+            Contact.external_id == contact,
+        )
+    ).scalar()
+
+
+def settle_at_intake(
+    session: Session, *, inbound_id: int, conversation: int, kind: str, detail: str
+) -> bool:
+    """Give a just-stored inbound message its one outcome (it gets no reply job); the message's
+    status mirrors it. False when it already had one."""
+    done = session.execute(
+        insert(Outcome)
+        .values(inbound_id=inbound_id, conversation_id=conversation, kind=kind, detail=detail)
+        .on_conflict_do_nothing(index_elements=["inbound_id"])
+        .returning(Outcome.inbound_id)
+    ).scalar()
+    if done is None:
+        return False
+    session.execute(update(Message).where(Message.id == inbound_id).values(status=kind))
+    return True
+
+
+def edit_inbound(
+    session: Session,
+    *,
+    conversation: int,
+    channel: str,
+    provider_message_id: str,
+    body: str | None,
+    content: str | None,
+) -> int | None:
+    """Replace an inbound message's text with its edit; the redacted copy is cleared so it is
+    screened again before any prompt uses it. A deleted message stays deleted."""
+    return session.execute(
+        update(Message)
+        .where(
+            Message.conversation_id == conversation,
+            Message.channel == channel,
+            Message.provider_message_id == provider_message_id,
+            Message.direction == "in",
+            Message.kind != "deleted",
+        )
+        .values(body=body, body_redacted=None, content=content)
+        .returning(Message.id)
+    ).scalar()
+
+
+def erase_inbound(
+    session: Session, *, conversation: int, channel: str, provider_message_id: str
+) -> int | None:
+    """The contact deleted (unsent) a message: its body, redacted copy and content are erased
+    and its kind becomes ``deleted``, so it leaves memory and prompts. Idempotent."""
+    return session.execute(
+        update(Message)
+        .where(
+            Message.conversation_id == conversation,
+            Message.channel == channel,
+            Message.provider_message_id == provider_message_id,
+            Message.direction == "in",
+        )
+        .values(body=None, body_redacted=None, content=None, kind="deleted")
+        .returning(Message.id)
+    ).scalar()
+
+
+def message_by_provider_id(
+    session: Session, *, conversation: int, channel: str, provider_message_id: str
+) -> int | None:
+    return session.execute(
+        select(Message.id).where(
+            Message.conversation_id == conversation,
+            Message.channel == channel,
+            Message.provider_message_id == provider_message_id,
+        )
+    ).scalar()
+
+
+def upsert_reaction(
+    session: Session,
+    *,
+    workspace_id: int,
+    conversation: int,
+    channel: str,
+    target: str,
+    message_id: int | None,
+    emoji: str | None,
+    reaction: str | None,
+    removed: bool,
+    at: datetime,
+) -> None:
+    """Keep the newest reaction per target message (a redelivery or an older event is a no-op)."""
+    stmt = insert(Reaction).values(
+        workspace_id=workspace_id,
+        conversation_id=conversation,
+        channel=channel,
+        target_provider_message_id=target,
+        message_id=message_id,
+        emoji=emoji,
+        reaction=reaction,
+        removed=removed,
+        reacted_at=at,
+    )
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["conversation_id", "target_provider_message_id"],
+            set_={
+                "emoji": stmt.excluded.emoji,
+                "reaction": stmt.excluded.reaction,
+                "removed": stmt.excluded.removed,
+                "reacted_at": stmt.excluded.reacted_at,
+                "message_id": func.coalesce(stmt.excluded.message_id, Reaction.message_id),
+            },
+            where=Reaction.reacted_at <= stmt.excluded.reacted_at,
+        )
+    )
+
+
+def insert_human_outbound(
+    session: Session,
+    *,
+    workspace_id: int,
+    conversation: int,
+    channel: str,
+    provider_message_id: str,
+    provider_ts: datetime,
+    body: str | None,
+    content: str | None,
+) -> int | None:
+    """A message staff sent from the Page inbox / Instagram app, as seen in its echo; None when
+    already stored."""
+    return session.execute(
+        insert(Message)
+        .values(
+            workspace_id=workspace_id,
+            conversation_id=conversation,
+            direction="out",
+            channel=channel,
+            kind="human",
+            provider_message_id=provider_message_id,
+            provider_ts=provider_ts,
+            body=body,
+            content=content,
+            status="sent",
+            attempts=0,
+            sent_at=provider_ts,
+        )
+        .on_conflict_do_nothing(index_elements=["channel", "provider_message_id"])
+        .returning(Message.id)
+    ).scalar()
+
+
+def set_mode(session: Session, conversation: int, *, mode: str, at: datetime) -> None:
+    session.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation)
+        .values(mode=mode, mode_changed_at=at)
+    )
+
+
+def flag_conversation(session: Session, conversation: int, *, reason: str) -> None:
+    session.execute(
+        update(Conversation).where(Conversation.id == conversation).values(flagged=reason)
+    )
+
+
+def chunk_of_provider_id(session: Session, *, channel: str, provider_message_id: str) -> int | None:
+    return session.execute(
+        select(OutboundChunk.id).where(
+            OutboundChunk.channel == channel,
+            OutboundChunk.provider_message_id == provider_message_id,
+        )
+    ).scalar()
+
+
+@dataclass(frozen=True)
+class UnresolvedChunk:
+    id: int
+    body: str
+    state: str
+    since: datetime | None
+
+
+def unresolved_chunks(session: Session, conversation: int) -> list[UnresolvedChunk]:
+    """Chunks of the conversation whose send has no answer yet (``sending`` / ``unknown``)."""
+    rows = session.execute(
+        select(
+            OutboundChunk.id, OutboundChunk.body, OutboundChunk.state, OutboundChunk.sending_since
+        ).where(
+            OutboundChunk.conversation_id == conversation,
+            OutboundChunk.state.in_(["sending", "unknown"]),
+        )
+    ).all()
+    return [UnresolvedChunk(*r) for r in rows]
+
+
+def is_our_chunk_key(session: Session, *, conversation: int, key: str) -> bool:
+    """Whether ``key`` (an echo's ``metadata``) is the idempotency key of one of our sends in
+    this conversation: staff replying from the Page inbox never carry one."""
+    return (
+        session.execute(
+            select(OutboundChunk.id).where(
+                OutboundChunk.idempotency_key == key, OutboundChunk.conversation_id == conversation
+            )
+        ).first()
+        is not None
+    )
+
+
+def settle_echoed_chunk(
+    session: Session,
+    *,
+    conversation: int,
+    provider_message_id: str,
+    now: datetime,
+    key: str | None = None,
+    chunk_id: int | None = None,
+) -> int | None:
+    """An echo of our own send proves the chunk went out: an ``unknown`` chunk (named by its
+    idempotency key or id) becomes ``sent`` with the echo's message id."""
+    if key is None and chunk_id is None:
+        return None
+    condition = (
+        OutboundChunk.idempotency_key == key if key is not None else OutboundChunk.id == chunk_id
+    )
+    row = session.execute(
+        update(OutboundChunk)
+        .where(
+            condition,
+            OutboundChunk.conversation_id == conversation,
+            OutboundChunk.state == "unknown",
+        )
+        .values(
+            state="sent",
+            provider_message_id=func.coalesce(
+                OutboundChunk.provider_message_id, provider_message_id
+            ),
+            sent_at=func.coalesce(OutboundChunk.sent_at, now),
+            last_error=None,
+        )
+        .returning(OutboundChunk.message_id)
+    ).first()
+    if row is None:
+        return None
+    refresh_message_status(session, [row.message_id])
+    return int(row.message_id)
+
+
+def advance_delivery(
+    session: Session,
+    *,
+    conversation: int,
+    delivery: str,
+    up_to: datetime | None = None,
+    provider_message_ids: Sequence[str] = (),
+    through_provider_message_id: str | None = None,
+) -> int:
+    """Move sent chunks of the conversation forward to ``delivered`` or ``read`` (never back):
+    those sent at or before ``up_to`` (a Messenger watermark, compared with our send time),
+    those named in ``provider_message_ids``, and the one named by
+    ``through_provider_message_id`` with every chunk before it (Instagram ``read.mid``)."""
+    selectors = []
+    if up_to is not None:
+        selectors.append(OutboundChunk.sent_at <= up_to)
+    if provider_message_ids:
+        selectors.append(OutboundChunk.provider_message_id.in_(list(provider_message_ids)))
+    if through_provider_message_id is not None:
+        last = (
+            select(OutboundChunk.id)
+            .where(
+                OutboundChunk.conversation_id == conversation,
+                OutboundChunk.provider_message_id == through_provider_message_id,
+            )
+            .scalar_subquery()
+        )
+        selectors.append(OutboundChunk.id <= last)
+    if not selectors:
+        return 0
+    condition: ColumnElement[bool] = OutboundChunk.delivery.is_(None)
+    if delivery == "read":
+        condition = condition | (OutboundChunk.delivery == "delivered")
+    matched = selectors[0]
+    for extra in selectors[1:]:
+        matched = matched | extra
+    return len(
+        session.execute(
+            update(OutboundChunk)
+            .where(
+                OutboundChunk.conversation_id == conversation,
+                OutboundChunk.state == "sent",
+                condition,
+                matched,
+            )
+            .values(delivery=delivery)
+            .returning(OutboundChunk.id)
+        ).all()
+    )
+
+
+def set_marketing_preference(session: Session, contact: int, *, stop: bool, at: datetime) -> None:
+    """WhatsApp ``user_preferences``: ``stop`` opts the contact out of marketing messages and of
+    bot messages (``opted_out_at``, which the pipeline honours); ``resume`` clears both."""
+    if stop:
+        values: dict[str, Any] = {
+            "marketing_opted_out_at": func.coalesce(Contact.marketing_opted_out_at, at),
+            "opted_out_at": func.coalesce(Contact.opted_out_at, at),
+        }
+    else:
+        values = {"marketing_opted_out_at": None, "opted_out_at": None}
+    session.execute(update(Contact).where(Contact.id == contact).values(**values))
+
+
+def upsert_template(
+    session: Session,
+    *,
+    meta_app_id: int,
+    waba_id: str,
+    name: str,
+    language: str,
+    template_id: str | None,
+    status: str,
+    reason: str | None,
+    at: datetime | None,
+) -> None:
+    """Record a template's review state; an older event never overwrites a newer one."""
+    stmt = insert(Template).values(
+        meta_app_id=meta_app_id,
+        waba_id=waba_id,
+        name=name,
+        language=language,
+        template_id=template_id,
+        status=status,
+        reason=reason,
+        status_at=at,
+    )
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["meta_app_id", "waba_id", "name", "language"],
+            set_={
+                "status": stmt.excluded.status,
+                "reason": stmt.excluded.reason,
+                "status_at": stmt.excluded.status_at,
+                "template_id": func.coalesce(stmt.excluded.template_id, Template.template_id),
+            },
+            where=(Template.status_at.is_(None))
+            | (stmt.excluded.status_at.is_(None))
+            | (Template.status_at <= stmt.excluded.status_at),
+        )
+    )
+
+
+def upsert_optin(session: Session, *, values: dict[str, Any]) -> None:
+    """Keep the newest opt-in per (channel account, subject, topic)."""
+    stmt = insert(OptIn).values(**values)
+    updated = {k: getattr(stmt.excluded, k) for k in values if k not in ("subject", "topic")}
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["channel_account_id", "subject", "topic"],
+            set_=updated,
+            where=OptIn.opted_at <= stmt.excluded.opted_at,
+        )
+    )
+
+
+def app_id_for_account(session: Session, channel: str, external_id: str) -> str | None:
+    """Meta's id of the app that owns a channel account (the sandbox names it in echoes)."""
+    return session.execute(
+        select(MetaApp.app_id)
+        .join(ChannelAccount, ChannelAccount.meta_app_id == MetaApp.id)
+        .where(ChannelAccount.channel == channel, ChannelAccount.external_id == external_id)
+    ).scalar()
+
+
+def page_account_channel(session: Session, external_id: str) -> str | None:
+    """``messenger`` or ``instagram``: the channel of a page-style account (the sandbox)."""
+    return session.execute(
+        select(ChannelAccount.channel)
+        .where(
+            ChannelAccount.external_id == external_id,
+            ChannelAccount.channel.in_(["messenger", "instagram"]),
+        )
+        .order_by(ChannelAccount.channel)
+        .limit(1)
     ).scalar()
 
 
@@ -164,6 +605,8 @@ class Outbound:
     access_token: str
     recipient: str
     last_inbound_at: datetime | None
+    reply_to_id: int | None = None  # the inbound message this answers (None: proactive)
+    reply_to_provider_id: str | None = None  # its wamid / mid, for reply context
 
 
 @dataclass(frozen=True)
@@ -177,6 +620,9 @@ class Chunk:
     attempts: int
     resent: bool
     sending_since: datetime | None
+
+
+_answered = aliased(Message)
 
 
 def outbound(session: Session, message_id: int) -> Outbound | None:
@@ -195,10 +641,13 @@ def outbound(session: Session, message_id: int) -> Outbound | None:
             ChannelAccount.access_token,
             Contact.external_id.label("recipient"),
             Conversation.last_inbound_at,
+            Message.reply_to_id,
+            _answered.provider_message_id.label("reply_to_provider_id"),
         )
         .join(Conversation, Conversation.id == Message.conversation_id)
         .join(ChannelAccount, ChannelAccount.id == Conversation.channel_account_id)
         .join(Contact, Contact.id == Conversation.contact_id)
+        .outerjoin(_answered, _answered.id == Message.reply_to_id)
         .where(Message.id == message_id, Message.direction == "out")
     ).first()
     return None if row is None else Outbound(**row._mapping)
@@ -451,6 +900,42 @@ def set_account_status(session: Session, account_id: int, *, status: str, was: s
         ).first()
         is not None
     )
+
+
+@dataclass(frozen=True)
+class TypingTarget:
+    """An inbound message to mark read / answer with a typing indicator."""
+
+    message_id: int
+    channel: str
+    provider_message_id: str | None
+    received_at: datetime
+    account_id: int
+    account: str
+    account_status: str
+    access_token: str
+    recipient: str
+
+
+def typing_target(session: Session, message_id: int) -> TypingTarget | None:
+    row = session.execute(
+        select(
+            Message.id.label("message_id"),
+            ChannelAccount.channel,
+            Message.provider_message_id,
+            Message.created_at.label("received_at"),
+            ChannelAccount.id.label("account_id"),
+            ChannelAccount.external_id.label("account"),
+            ChannelAccount.status.label("account_status"),
+            ChannelAccount.access_token,
+            Contact.external_id.label("recipient"),
+        )
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .join(ChannelAccount, ChannelAccount.id == Conversation.channel_account_id)
+        .join(Contact, Contact.id == Conversation.contact_id)
+        .where(Message.id == message_id, Message.direction == "in")
+    ).first()
+    return None if row is None else TypingTarget(**row._mapping)
 
 
 # --- status webhooks ----------------------------------------------------------------------------

@@ -8,6 +8,17 @@ For each accepted WhatsApp send it posts signed ``statuses`` webhooks (``sent``,
 seconds, from a background thread that never holds up the send's answer. They are signed with the
 secret of the Meta app that owns the phone number, read from the database.
 
+Messenger and Instagram sends (``/{page or IG id}/messages``, or ``/me/messages``; a Bearer
+token or ``access_token``) are checked the way Meta checks them — ``messaging_type`` present,
+``tag`` exactly with ``MESSAGE_TAG``, Messenger text under 2000 characters, Instagram text at most
+1000 UTF-8 bytes — answered ``{"recipient_id", "message_id"}``, kept like WhatsApp sends, and
+followed after the same delay by a signed ``is_echo`` webhook to ``/webhooks/messenger`` (carrying
+the send's ``metadata``) or ``/webhooks/instagram`` (no correlation field, as on Instagram). The
+account's channel is looked up by its id; ``/me`` sends count as Messenger and get no echo (the
+sandbox cannot tell the page from a token). ``sender_action`` requests and WhatsApp read/typing
+requests are kept apart (``store.actions``). ``PARLEY_SANDBOX_WEBHOOK_URL`` may contain
+``{channel}``.
+
 Fault modes (``PARLEY_SANDBOX_FAULTS``, e.g. ``429=0.01,500=0.02,stall=0.005,drop_webhooks=0.1``;
 each a probability per send, drawn from ``PARLEY_SANDBOX_SEED`` when set):
 
@@ -57,12 +68,28 @@ class SentMessage:
     biz_opaque_callback_data: str | None = None
     order: int = 0  # same as seq: the accepting order
     fault: str | None = None  # "stall" when the answer was held past the client's timeout
+    channel: str = "whatsapp"
+    messaging_type: str | None = None  # Messenger/Instagram
+    tag: str | None = None
+    metadata: str | None = None  # Messenger
+    request: dict[str, Any] | None = None  # the JSON body exactly as received
+
+
+@dataclass(frozen=True)
+class SenderAction:
+    """A read/typing request: WhatsApp ``status: read``, Messenger/IG ``sender_action``."""
+
+    channel: str
+    account: str
+    request: dict[str, Any]
+    at: float
 
 
 class SandboxStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sent: list[SentMessage] = []
+        self.actions: list[SenderAction] = []
 
     def add(
         self,
@@ -72,13 +99,21 @@ class SandboxStore:
         text: str,
         callback_data: str | None = None,
         fault: str | None = None,
+        channel: str = "whatsapp",
+        messaging_type: str | None = None,
+        tag: str | None = None,
+        metadata: str | None = None,
+        request: dict[str, Any] | None = None,
     ) -> SentMessage:
         with self._lock:
-            wamid = "wamid.SANDBOX" + secrets.token_hex(12).upper()
+            if channel == "whatsapp":
+                provider_id = "wamid.SANDBOX" + secrets.token_hex(12).upper()
+            else:
+                provider_id = "m_SANDBOX" + secrets.token_hex(16)
             seq = len(self._sent) + 1
             item = SentMessage(
                 seq=seq,
-                id=wamid,
+                id=provider_id,
                 account=account,
                 to=to,
                 text=text,
@@ -86,8 +121,19 @@ class SandboxStore:
                 biz_opaque_callback_data=callback_data,
                 order=seq,
                 fault=fault,
+                channel=channel,
+                messaging_type=messaging_type,
+                tag=tag,
+                metadata=metadata,
+                request=request,
             )
             self._sent.append(item)
+            return item
+
+    def add_action(self, *, channel: str, account: str, request: dict[str, Any]) -> SenderAction:
+        with self._lock:
+            item = SenderAction(channel, account, request, time.time())
+            self.actions.append(item)
             return item
 
     def since(self, *, to: str | None, after: int) -> list[SentMessage]:
@@ -226,24 +272,51 @@ class SandboxState:
         self.rng = random.Random(settings.sandbox_seed)  # noqa: S311
         self.factory = factory
         self._lock = threading.Lock()
-        self._secrets: dict[str, str] = {}
+        self._secrets: dict[tuple[str, str], str] = {}
+        self._channels: dict[str, str] = {}
         self.webhooks = WebhookSender()
 
-    def secret(self, account: str) -> str | None:
-        """The app secret that signs this phone number's webhooks (None: post none)."""
+    def secret(self, account: str, channel: str = "whatsapp") -> str | None:
+        """The app secret that signs this account's webhooks (None: post none)."""
         with self._lock:
-            if account in self._secrets:
-                return self._secrets[account]
+            if (channel, account) in self._secrets:
+                return self._secrets[(channel, account)]
         try:
             with session_scope(self.factory) as session:
-                secret = repository.app_secret_for_account(session, "whatsapp", account)
+                secret = repository.app_secret_for_account(session, channel, account)
         except Exception as exc:  # noqa: BLE001  # a sandbox without a database posts no webhooks
             log.info("sandbox.webhooks_off", reason=type(exc).__name__)
             return None
         if secret is not None:
             with self._lock:
-                self._secrets[account] = secret
+                self._secrets[(channel, account)] = secret
         return secret
+
+    def app_id(self, account: str, channel: str) -> str | None:
+        """Meta's id of the app that owns the account (named in Messenger echoes)."""
+        try:
+            with session_scope(self.factory) as session:
+                return repository.app_id_for_account(session, channel, account)
+        except Exception:  # noqa: BLE001  # no database: no app id
+            return None
+
+    def page_channel(self, account: str) -> str:
+        """``messenger`` or ``instagram``: the channel of the account a page-style send names
+        (Messenger when unknown, e.g. ``me``, or without a database)."""
+        with self._lock:
+            if account in self._channels:
+                return self._channels[account]
+        channel = "messenger"
+        if account != "me":
+            try:
+                with session_scope(self.factory) as session:
+                    found = repository.page_account_channel(session, account)
+            except Exception:  # noqa: BLE001  # no database: Messenger
+                found = None
+            channel = found or channel
+            with self._lock:
+                self._channels[account] = channel
+        return channel
 
     def draw(self) -> tuple[str | None, bool]:
         """(the fault of this send or None, whether its webhooks are dropped)."""
@@ -287,13 +360,17 @@ def _error(status: int, code: int, message: str, **extra: Any) -> JSONResponse:
     )
 
 
+def _webhook_url(state: SandboxState, request: Request, channel: str) -> str:
+    configured = state.settings.sandbox_webhook_url
+    if configured:
+        return configured.replace("{channel}", channel)
+    return f"{str(request.base_url).rstrip('/')}/webhooks/{channel}"
+
+
 def _schedule_statuses(
     state: SandboxState, request: Request, item: SentMessage, secret: str
 ) -> None:
-    url = (
-        state.settings.sandbox_webhook_url
-        or f"{str(request.base_url).rstrip('/')}/webhooks/whatsapp"
-    )
+    url = _webhook_url(state, request, "whatsapp")
     delay = state.settings.sandbox_webhook_delay
     now = int(time.time())
     for step, status in enumerate(("sent", "delivered")):
@@ -308,20 +385,171 @@ def _schedule_statuses(
         state.webhooks.schedule(url=url, secret=secret, payload=payload, delay=delay * (1 + step))
 
 
+def echo_payload(
+    item: SentMessage, *, app_id: str | None = None, timestamp_ms: int | None = None
+) -> dict[str, Any]:
+    """The ``is_echo`` webhook Meta posts for a Messenger or Instagram send: Messenger names the
+    sending app (``app_id``) and returns ``metadata``; Instagram echoes carry neither."""
+    ms = timestamp_ms if timestamp_ms is not None else int(item.at * 1000)
+    message: dict[str, Any] = {"mid": item.id, "is_echo": True}
+    if item.channel == "messenger":
+        if app_id is not None:
+            message["app_id"] = int(app_id) if app_id.isdigit() else app_id
+        if item.metadata is not None:
+            message["metadata"] = item.metadata
+    message["text"] = item.text
+    return {
+        "object": "page" if item.channel == "messenger" else "instagram",
+        "entry": [
+            {
+                "id": item.account,
+                "time": ms,
+                "messaging": [
+                    {
+                        "sender": {"id": item.account},
+                        "recipient": {"id": item.to},
+                        "timestamp": ms,
+                        "message": message,
+                    }
+                ],
+            }
+        ],
+    }
+
+
+_MESSAGING_TYPES = frozenset({"RESPONSE", "UPDATE", "MESSAGE_TAG"})
+_TAGS = frozenset(
+    {
+        "HUMAN_AGENT",
+        "ACCOUNT_UPDATE",
+        "CONFIRMED_EVENT_UPDATE",
+        "CUSTOMER_FEEDBACK",
+        "POST_PURCHASE_UPDATE",
+    }
+)
+_SENDER_ACTIONS = frozenset({"mark_seen", "typing_on", "typing_off", "react", "unreact"})
+
+
+def _fault_response(state: SandboxState, fault: str | None, *, page: bool) -> JSONResponse | None:
+    if fault == "429":
+        if page:
+            response = _error(429, 613, "Calls to this api have exceeded the rate limit.")
+        else:
+            response = _error(
+                429,
+                130429,
+                "(#130429) Rate limit hit",
+                error_subcode=2494055,
+                error_data={
+                    "messaging_product": "whatsapp",
+                    "details": "Cloud API message throughput has been reached.",
+                },
+            )
+        response.headers["Retry-After"] = f"{state.faults.retry_after:g}"
+        return response
+    if fault == "500":
+        if page:
+            return _error(500, 2, "An unexpected error has occurred. Please retry your request.")
+        return _error(500, 131000, "Something went wrong")
+    return None
+
+
+async def _page_send(account: str, body: dict[str, Any], request: Request) -> JSONResponse:
+    """A Messenger or Instagram Send API request."""
+    state = state_for(request)
+    recipient = body.get("recipient")
+    to = recipient.get("id") if isinstance(recipient, dict) else None
+    if not isinstance(to, str) or not to:
+        return _error(400, 100, "The parameter recipient is required")
+    channel = await run_in_threadpool(state.page_channel, account)
+    action = body.get("sender_action")
+    if action is not None:
+        if action not in _SENDER_ACTIONS or "message" in body:
+            return _error(400, 100, "Invalid parameter sender_action")
+        store.add_action(channel=channel, account=account, request=body)
+        return JSONResponse({"recipient_id": to})
+    message = body.get("message")
+    text = message.get("text") if isinstance(message, dict) else None
+    if not isinstance(text, str) or not text:
+        return _error(400, 100, "Invalid parameter: message.text is required")
+    messaging_type = body.get("messaging_type")
+    if messaging_type not in _MESSAGING_TYPES:
+        return _error(400, 100, "Invalid parameter: messaging_type is required")
+    tag = body.get("tag")
+    if (messaging_type == "MESSAGE_TAG") != (tag is not None) or (
+        tag is not None and tag not in _TAGS
+    ):
+        return _error(400, 100, "Invalid parameter: tag goes with MESSAGE_TAG only")
+    if channel == "instagram" and len(text.encode()) > 1000:
+        return _error(400, 100, "Param message[text] must be at most 1000 bytes (UTF-8).")
+    if channel == "messenger" and len(text) >= 2000:
+        return _error(400, 100, "Param message[text] must be less than 2000 characters.")
+    metadata = message.get("metadata") if isinstance(message, dict) else None
+    if metadata is not None and (not isinstance(metadata, str) or len(metadata) >= 1000):
+        return _error(400, 100, "Param message[metadata] must be less than 1000 characters")
+    fault, drop = state.draw()
+    refused = _fault_response(state, fault, page=True)
+    if refused is not None:
+        return refused
+    item = store.add(
+        account=account,
+        to=to,
+        text=text,
+        fault=fault,
+        channel=channel,
+        messaging_type=messaging_type,
+        tag=tag,
+        metadata=metadata,
+        request=body,
+    )
+    if state.settings.sandbox_webhooks and not drop and account != "me":
+        secret = await run_in_threadpool(state.secret, account, channel)
+        if secret is not None:
+            app_id = await run_in_threadpool(state.app_id, account, channel)
+            state.webhooks.schedule(
+                url=_webhook_url(state, request, channel),
+                secret=secret,
+                payload=echo_payload(item, app_id=app_id),
+                delay=state.settings.sandbox_webhook_delay,
+            )
+    if fault == "stall":
+        await asyncio.sleep(state.settings.sandbox_stall_seconds)
+    return JSONResponse({"recipient_id": to, "message_id": item.id})
+
+
 @router.post("/graph/{version}/{account}/messages")
 async def send_message(
     version: str,
     account: str,
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
+    access_token: Annotated[str | None, Query()] = None,
 ) -> JSONResponse:
-    """Accepts WhatsApp Cloud API text sends; answers in Meta's success or error format."""
-    if not authorization or not authorization.startswith("Bearer ") or len(authorization) < 8:
+    """Accepts WhatsApp Cloud API text and read/typing requests, and Messenger/Instagram Send
+    API text and sender-action requests; answers in Meta's success or error format."""
+    bearer = bool(authorization and authorization.startswith("Bearer ") and len(authorization) > 7)
+    if not bearer and not access_token:
         return _error(401, 190, "Invalid OAuth access token - Cannot parse access token")
     try:
         body: Any = await request.json()
     except ValueError:
         return _error(400, 100, "Invalid parameter: body is not JSON")
+    if isinstance(body, dict) and "messaging_product" not in body and "recipient" in body:
+        return await _page_send(account, body, request)
+    if not bearer:
+        return _error(401, 190, "Invalid OAuth access token - Cannot parse access token")
+    if (
+        isinstance(body, dict)
+        and body.get("messaging_product") == "whatsapp"
+        and body.get("status") == "read"
+    ):
+        indicator = body.get("typing_indicator")
+        if not isinstance(body.get("message_id"), str) or (
+            indicator is not None and indicator != {"type": "text"}
+        ):
+            return _error(400, 100, "Invalid parameter")
+        store.add_action(channel="whatsapp", account=account, request=body)
+        return JSONResponse({"success": True})
     text = body.get("text") if isinstance(body, dict) else None
     if (
         not isinstance(body, dict)
@@ -340,23 +568,16 @@ async def send_message(
         return _error(400, 100, "Param biz_opaque_callback_data must be at most 512 characters")
     state = state_for(request)
     fault, drop = state.draw()
-    if fault == "429":
-        response = _error(
-            429,
-            130429,
-            "(#130429) Rate limit hit",
-            error_subcode=2494055,
-            error_data={
-                "messaging_product": "whatsapp",
-                "details": "Cloud API message throughput has been reached.",
-            },
-        )
-        response.headers["Retry-After"] = f"{state.faults.retry_after:g}"
-        return response
-    if fault == "500":
-        return _error(500, 131000, "Something went wrong")
+    refused = _fault_response(state, fault, page=False)
+    if refused is not None:
+        return refused
     item = store.add(
-        account=account, to=body["to"], text=text["body"], callback_data=callback, fault=fault
+        account=account,
+        to=body["to"],
+        text=text["body"],
+        callback_data=callback,
+        fault=fault,
+        request=body,
     )
     if state.settings.sandbox_webhooks and not drop:
         secret = await run_in_threadpool(state.secret, account)

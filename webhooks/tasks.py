@@ -12,6 +12,14 @@ the full text in ``body``) and enqueues ``webhooks.send`` with its id. This job 
 3. moves each chunk ``pending → sending → sent | failed | dead`` (and ``unknown`` after an
    ambiguous send) with conditional UPDATEs only, and keeps ``messages.status`` the aggregate.
 
+Per channel (meta-channels reference a.5, a.8): WhatsApp ``POST /{phone_number_id}/messages``
+(free-form only inside the 24-hour window, reply context ``context.message_id``, correlation
+``biz_opaque_callback_data``); Messenger ``POST /{page_id}/messages`` and Instagram
+``POST /{ig_id}/messages``, both with the account's token as ``Authorization: Bearer`` and a
+``messaging_type`` chosen by :func:`webhooks.channels.messenger.messaging_for` (Messenger carries
+the chunk's idempotency key as ``message.metadata``, which its echo returns; Instagram has no such
+field and is matched by ``repository.settle_instagram_echo``).
+
 Retries have one layer: a retryable failure puts the chunk back to ``pending`` and raises
 ``Defer`` with capped exponential back-off, full jitter and at least ``Retry-After``; the chunk's
 own attempt counter bounds them (``PARLEY_SEND_MAX_ATTEMPTS``). No transaction is open during a
@@ -37,13 +45,13 @@ from core.crypto import get_keyring
 from core.db import session_scope
 from core.models import utcnow
 from webhooks import repository
-from webhooks.channels import meta, whatsapp
+from webhooks.channels import instagram, messenger, meta, whatsapp
 from webhooks.channels.text import limit_for, split_text
 from webhooks.ratelimit import Bucket, Limits, connect
 
 log = structlog.get_logger()
 
-SENDABLE_CHANNELS = frozenset({"whatsapp"})
+SENDABLE_CHANNELS = frozenset({"whatsapp", "messenger", "instagram"})
 
 
 @dataclass
@@ -144,6 +152,8 @@ class _Go:
 
     resend: bool = False
     probe: bool = False
+    messaging_type: str | None = None  # Messenger/Instagram
+    tag: str | None = None
 
 
 def _send_chunk(current: Lane, message: repository.Outbound, chunk_id: int) -> None:
@@ -201,7 +211,8 @@ def _gate(
         session, conversation_id=message.conversation_id, message_id=message.message_id
     ):
         return jobs.Defer(settings.send_order_delay, "earlier_message_unfinished")
-    if _window_closed(message.last_inbound_at, now, settings):
+    messaging = _messaging(message, now, settings)
+    if messaging is None:
         _expire(session, message)
         return None
     if chunk.attempts >= settings.send_max_attempts:
@@ -218,7 +229,27 @@ def _gate(
             return jobs.Defer(interval * current.rng.uniform(0.5, 1.0), "account_paused")
         probe = True
         log.info("send.probe", account_id=message.account_id, **log_ids)
-    return _Go(resend=resend, probe=probe)
+    return _Go(resend=resend, probe=probe, messaging_type=messaging[0], tag=messaging[1])
+
+
+def _messaging(
+    message: repository.Outbound, now: datetime, settings: Settings
+) -> tuple[str | None, str | None] | None:
+    """``(messaging_type, tag)`` for the channel's rules at ``now``; None: the window is closed.
+
+    WhatsApp: free-form only inside the window (no messaging type). Messenger and Instagram:
+    RESPONSE / UPDATE inside it, MESSAGE_TAG + HUMAN_AGENT for a person's message until
+    ``send_human_agent_hours``; a bot message never gets a tag."""
+    if message.channel == "whatsapp":
+        return None if _window_closed(message.last_inbound_at, now, settings) else (None, None)
+    since = None if message.last_inbound_at is None else now - message.last_inbound_at
+    return messenger.messaging_for(
+        kind=message.kind,
+        is_reply=message.reply_to_id is not None,
+        since_user=since,
+        window=timedelta(hours=settings.send_window_hours),
+        human_window=timedelta(hours=settings.send_human_agent_hours),
+    )
 
 
 def _window_closed(last_inbound_at: datetime | None, now: datetime, settings: Settings) -> bool:
@@ -318,13 +349,8 @@ def _attempt(current: Lane, message: repository.Outbound, chunk_id: int, go: _Go
         "conversation_id": message.conversation_id,
         "account_id": message.account_id,
     }
-    path, body = whatsapp.build_text_send(
-        phone_number_id=message.account,
-        to=message.recipient,
-        text=chunk.body,
-        callback_data=chunk.idempotency_key,
-    )
-    url = f"{settings.graph_api_url.rstrip('/')}/{settings.graph_api_version}/{path}"
+    path, body = build_request(message, chunk, go)
+    url = graph_url(settings, message.channel, path)
     try:
         response = current.http.post(
             url, json=body, headers={"Authorization": f"Bearer {message.access_token}"}
@@ -339,7 +365,7 @@ def _attempt(current: Lane, message: repository.Outbound, chunk_id: int, go: _Go
         return
     payload = _json(response)
     if response.is_success:
-        _sent(current, message, chunk_id, whatsapp.sent_message_id(payload), go, log_ids)
+        _sent(current, message, chunk_id, sent_message_id(message.channel, payload), go, log_ids)
         return
     error = meta.classify_error(response.status_code, payload, response.headers.get("retry-after"))
     if error.kind == meta.RETRY:
@@ -360,7 +386,60 @@ def _attempt(current: Lane, message: repository.Outbound, chunk_id: int, go: _Go
             _give_up(
                 session, message, chunk_id, error.describe(), to="failed", from_state="sending"
             )
-        log.error("send.failed", status=error.status, code=error.code, **log_ids)
+        log.error(
+            "send.failed", status=error.status, code=error.code, subcode=error.subcode, **log_ids
+        )
+        if error.alert:
+            log.error("send.account_alert", code=error.code, account_id=message.account_id)
+
+
+def graph_url(settings: Settings, channel: str, path: str) -> str:
+    base = settings.graph_api_url
+    if channel == "instagram" and settings.instagram_graph_api_url:
+        base = settings.instagram_graph_api_url
+    return f"{base.rstrip('/')}/{settings.graph_api_version}/{path}"
+
+
+def build_request(
+    message: repository.Outbound, chunk: repository.Chunk, go: _Go
+) -> tuple[str, dict[str, Any]]:
+    """The Graph API path (after the version) and JSON body of one chunk's send.
+
+    Reply context goes only on a reply's first chunk (WhatsApp; Messenger and Instagram text
+    sends carry none)."""
+    if message.channel == "whatsapp":
+        return whatsapp.build_text_send(
+            phone_number_id=message.account,
+            to=message.recipient,
+            text=chunk.body,
+            reply_to=message.reply_to_provider_id if chunk.idx == 0 else None,
+            callback_data=chunk.idempotency_key,
+        )
+    messaging_type = go.messaging_type or messenger.RESPONSE
+    if message.channel == "messenger":
+        return messenger.build_text_send(
+            page_id=message.account,
+            recipient=message.recipient,
+            text=chunk.body,
+            messaging_type=messaging_type,
+            tag=go.tag,
+            metadata=chunk.idempotency_key,
+        )
+    if message.channel == "instagram":
+        return instagram.build_text_send(
+            account_id=message.account,
+            recipient=message.recipient,
+            text=chunk.body,
+            messaging_type=messaging_type,
+            tag=go.tag,
+        )
+    raise ValueError(f"no send API for channel {message.channel!r}")
+
+
+def sent_message_id(channel: str, payload: Any) -> str | None:
+    if channel == "whatsapp":
+        return whatsapp.sent_message_id(payload)
+    return messenger.sent_message_id(payload)
 
 
 def _sent(
@@ -490,3 +569,98 @@ def _json(response: httpx.Response) -> Any:
         return response.json()
     except ValueError:
         return None
+
+
+# --- mark as read and typing indicator --------------------------------------------------------
+
+
+def typing_requests(
+    target: repository.TypingTarget, *, typing: bool
+) -> list[tuple[str, dict[str, Any]]]:
+    """The requests that mark ``target`` read and (with ``typing``) show the typing indicator:
+    one for WhatsApp (read status with ``typing_indicator``), ``mark_seen`` then ``typing_on``
+    for Messenger and Instagram."""
+    if target.channel == "whatsapp":
+        if not target.provider_message_id:
+            return []
+        return [
+            whatsapp.build_mark_read(
+                phone_number_id=target.account,
+                message_id=target.provider_message_id,
+                typing=typing,
+            )
+        ]
+    actions = ["mark_seen", "typing_on"] if typing else ["mark_seen"]
+    if target.channel == "messenger":
+        return [
+            messenger.build_sender_action(
+                page_id=target.account, recipient=target.recipient, action=action
+            )
+            for action in actions
+        ]
+    if target.channel == "instagram":
+        return [
+            instagram.build_sender_action(
+                account_id=target.account, recipient=target.recipient, action=action
+            )
+            for action in actions
+        ]
+    return []
+
+
+@jobs.job("webhooks.send_typing")
+def send_typing(*, job_id: int, message_id: int) -> None:
+    """Best effort: mark an inbound message read and show the typing indicator. Each request is
+    tried at most twice (a retryable answer or a connection that never opened gets one more
+    try); nothing is deferred, nothing raised, so it never holds anything up. Routed to the
+    ``send`` lane by its name (``webhooks.send*``)."""
+    current = lane()
+    settings = current.settings
+    with session_scope() as session:
+        target = repository.typing_target(session, message_id)
+        _finish(session, job_id)
+    if target is None or target.channel not in SENDABLE_CHANNELS:
+        return
+    if target.account_status != "active":
+        log.info("typing.skipped", reason="account_paused", message_id=message_id)
+        return
+    age = (utcnow() - target.received_at).total_seconds()
+    requests = typing_requests(target, typing=age <= settings.typing_max_age)
+    headers = {"Authorization": f"Bearer {target.access_token}"}
+    for path, body in requests:
+        url = graph_url(settings, target.channel, path)
+        for attempt in (1, 2):
+            outcome = _post_best_effort(current, url, body, headers)
+            if outcome is None:
+                break
+            if attempt == 1 and outcome.kind == meta.RETRY:
+                time.sleep(settings.typing_retry_delay)
+                continue
+            log.warning(
+                "typing.failed",
+                message_id=message_id,
+                account_id=target.account_id,
+                status=outcome.status,
+                code=outcome.code,
+                kind=outcome.kind,
+            )
+            if outcome.kind == meta.CREDENTIALS:
+                return  # the send lane pauses the account when a reply hits the same error
+            break
+
+
+def _post_best_effort(
+    current: Lane, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> meta.SendError | None:
+    """None on success; otherwise the error's class (an ambiguous transport error counts as
+    never: a read receipt or typing indicator twice is harmless but not worth a second try)."""
+    try:
+        response = current.http.post(url, json=body, headers=headers)
+    except httpx.TransportError as exc:
+        kind = meta.RETRY if meta.classify_transport_error(exc) == meta.NOT_SENT else meta.NEVER
+        return meta.SendError(kind, 0, None)
+    if response.is_success:
+        return None
+    return meta.classify_error(
+        response.status_code, _json(response), response.headers.get("retry-after")
+    )

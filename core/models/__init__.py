@@ -9,9 +9,12 @@ from core.models.conversation_lease import ConversationLease
 from core.models.message import Message
 from core.models.meta_app import MetaApp
 from core.models.notice import Notice
+from core.models.optin import OptIn
 from core.models.outbound_chunk import OutboundChunk
 from core.models.outbox import OutboxJob
 from core.models.outcome import OUTCOME_KINDS, Outcome
+from core.models.reaction import Reaction
+from core.models.template import Template
 from core.models.unhandled_event import UnhandledEvent
 from core.models.workspace import Workspace
 
@@ -27,9 +30,12 @@ __all__ = [
     "MetaApp",
     "Notice",
     "OUTCOME_KINDS",
+    "OptIn",
     "OutboundChunk",
     "Outcome",
     "OutboxJob",
+    "Reaction",
+    "Template",
     "UnhandledEvent",
     "Workspace",
     "utcnow",

@@ -41,13 +41,20 @@ class Message(CreatedAt, Base):
     conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
     direction: Mapped[str] = mapped_column(String(3))
     channel: Mapped[str] = mapped_column(String(16))
-    # text | notice (fixed texts: never the reply to a message) | human (sent by a person)
+    # Outbound: text | notice (fixed texts: never the reply to a message) | human (a person).
+    # Inbound: text | media | location | contacts | choice | story_reply | story_mention |
+    # unsupported, and deleted once the contact deleted it (body and content erased).
     kind: Mapped[str] = mapped_column(String(16), default="text")
     language: Mapped[str | None] = mapped_column(String(8))
-    provider_message_id: Mapped[str | None] = mapped_column(String(128))
+    # As long as the adapters accept (webhooks.channels.events.ID_MAX): a longer id than the
+    # column would fail every retry of the delivery.
+    provider_message_id: Mapped[str | None] = mapped_column(String(512))
     provider_ts: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     body: Mapped[str | None] = mapped_column(EncryptedText)
     body_redacted: Mapped[str | None] = mapped_column(Text)
+    # The normalized content beyond the text rendering in ``body`` (media, coordinates, shared
+    # contacts, a choice's payload, reply context) as JSON; encrypted like the body.
+    content: Mapped[str | None] = mapped_column(EncryptedText)
     status: Mapped[str] = mapped_column(String(16))
     reply_to_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"))
     # The ids of the stored messages whose (redacted) text formed this reply's prompt.

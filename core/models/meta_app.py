@@ -7,7 +7,13 @@ from core.models.base import Base, CreatedAt, EncryptedText
 
 
 class MetaApp(CreatedAt, Base):
-    """A Meta developer app: its secret signs webhooks, its verify token answers the handshake."""
+    """A Meta developer app: its secret signs webhooks, its verify token answers the handshake.
+
+    Each channel answers its handshake with its own token: ``messenger_verify_token`` /
+    ``instagram_verify_token`` when set, else ``verify_token``. ``instagram_app_secret`` signs
+    the ``/webhooks/instagram`` route when set (Instagram API with Instagram Login may use the
+    Instagram app's secret — UNVERIFIED), else ``app_secret``. All four are encrypted.
+    """
 
     __tablename__ = "meta_apps"
     __table_args__ = (UniqueConstraint("workspace_id", "name"),)
@@ -18,3 +24,6 @@ class MetaApp(CreatedAt, Base):
     app_id: Mapped[str | None] = mapped_column(String(64))
     app_secret: Mapped[str] = mapped_column(EncryptedText)
     verify_token: Mapped[str] = mapped_column(EncryptedText)
+    messenger_verify_token: Mapped[str | None] = mapped_column(EncryptedText)
+    instagram_verify_token: Mapped[str | None] = mapped_column(EncryptedText)
+    instagram_app_secret: Mapped[str | None] = mapped_column(EncryptedText)

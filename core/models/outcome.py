@@ -10,7 +10,9 @@ OUTCOME_KINDS = (
     "held",  # moderation holds it for human review
     "blocked",  # moderation blocked it, or the contact is blocked
     "opted_out",  # the contact opted out (the message itself, or one after it)
-    "human_mode",  # a human has the conversation; the bot stays silent
+    "human_mode",  # a human has the conversation (or another app: standby); the bot is silent
+    "notice",  # answered by a fixed notice, or not answerable yet (media, unsupported): detail
+    "deleted",  # the contact deleted the message before it was answered
     "window_expired",  # the reply could only have gone out after the messaging window closed
     "limited",  # over the contact's message or token limit
     "dead",  # processing failed PARLEY_JOB_MAX_ATTEMPTS times

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from webhooks.channels.events import ChannelEvent, MessageEcho
+from webhooks.channels.messenger import build_sender_action as messenger_build_sender_action
 from webhooks.channels.messenger import parse_page
 
 CHANNEL = "instagram"
@@ -87,3 +88,38 @@ def echo_of(event: MessageEcho) -> Echo | None:
     if event.text is None:
         return None
     return Echo(recipient=event.contact_id, text_hash=text_hash(event.text), at=event.timestamp)
+
+
+# --- sending (Messenger API for Instagram; meta-channels reference a.5, a.8) -----------------
+#
+# ``POST /{IG_ID or PAGE_ID}/messages`` with the Page token as ``Authorization: Bearer``.
+# ``messaging_type`` follows Messenger's rules (RESPONSE / UPDATE inside 24 h, HUMAN_AGENT for a
+# person up to 7 days). No correlation field comes back in the echo: see :func:`match_echo`.
+
+TEXT_LIMIT_BYTES = 1000  # "UTF-8 and 1000 bytes or less"
+
+
+def build_text_send(
+    *,
+    account_id: str,
+    recipient: str,
+    text: str,
+    messaging_type: str,
+    tag: str | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The Graph API path (after the version) and JSON body for one text message."""
+    body: dict[str, Any] = {
+        "recipient": {"id": recipient},
+        "messaging_type": messaging_type,
+        "message": {"text": text},
+    }
+    if tag:
+        body["tag"] = tag
+    return f"{account_id}/messages", body
+
+
+def build_sender_action(
+    *, account_id: str, recipient: str, action: str
+) -> tuple[str, dict[str, Any]]:
+    """``mark_seen``, ``typing_on`` or ``typing_off`` for an Instagram conversation."""
+    return messenger_build_sender_action(page_id=account_id, recipient=recipient, action=action)

@@ -506,3 +506,86 @@ _READERS: dict[str, Reader] = {
 # The event keys in the order they are looked for; referral and optin are read in _event
 # because their contact may be known only by a user_ref.
 _EVENT_KEYS = (*_READERS, "referral", "optin")
+
+
+# --- sending (Send API; meta-channels reference a.5, a.8) ------------------------------------
+#
+# Parley posts to ``/{PAGE_ID}/messages`` with the Page token as ``Authorization: Bearer`` (never
+# in the query string, so it stays out of access logs). ``/me/messages`` is the same endpoint.
+
+RESPONSE = "RESPONSE"  # a reply inside the 24-hour standard window
+UPDATE = "UPDATE"  # proactive (not a direct reply) inside the window
+MESSAGE_TAG = "MESSAGE_TAG"  # outside the window, with ``tag``
+HUMAN_AGENT = "HUMAN_AGENT"  # the only tag Parley uses: a person answers within 7 days
+SENDER_ACTIONS = ("mark_seen", "typing_on", "typing_off")
+TEXT_LIMIT = 2000  # "UTF-8 and less than 2000 characters"
+METADATA_LIMIT = 1000
+
+
+def messaging_for(
+    *,
+    kind: str,
+    is_reply: bool,
+    since_user: timedelta | None,
+    window: timedelta = timedelta(hours=24),
+    human_window: timedelta = timedelta(days=7),
+) -> tuple[str, str | None] | None:
+    """``(messaging_type, tag)`` for an outbound message, or None when it may not be sent.
+
+    ``since_user`` is the time since the user's last message (None: the user never wrote).
+    Inside ``window``: ``RESPONSE`` for a reply and for a person's message (``kind == "human"``),
+    ``UPDATE`` for a proactive bot message (a notice, a bot text that answers nothing). Outside
+    it only a person may write, until ``human_window``, as ``MESSAGE_TAG`` + ``HUMAN_AGENT``; a bot
+    message never carries a tag.
+    """
+    if since_user is None:
+        return None
+    since_user = max(since_user, timedelta(0))  # a clock a little ahead is "just now"
+    human = kind == "human"
+    if since_user <= window:
+        return (RESPONSE, None) if is_reply or human else (UPDATE, None)
+    if human and since_user <= human_window:
+        return MESSAGE_TAG, HUMAN_AGENT
+    return None
+
+
+def build_text_send(
+    *,
+    page_id: str,
+    recipient: str,
+    text: str,
+    messaging_type: str,
+    tag: str | None = None,
+    metadata: str | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The Graph API path (after the version) and JSON body for one text message.
+
+    ``metadata`` (under 1000 characters; Parley puts the chunk's idempotency key there) comes
+    back in the ``message_echoes`` webhook of this message: it is how a send whose answer was lost
+    is recognised."""
+    body: dict[str, Any] = {
+        "recipient": {"id": recipient},
+        "messaging_type": messaging_type,
+        "message": {"text": text},
+    }
+    if tag:
+        body["tag"] = tag
+    if metadata:
+        body["message"]["metadata"] = metadata[: METADATA_LIMIT - 1]
+    return f"{page_id}/messages", body
+
+
+def build_sender_action(*, page_id: str, recipient: str, action: str) -> tuple[str, dict[str, Any]]:
+    """``mark_seen``, ``typing_on`` or ``typing_off``: a request of its own, without ``message``."""
+    if action not in SENDER_ACTIONS:
+        raise ValueError(f"unknown sender action {action!r}")
+    return f"{page_id}/messages", {"recipient": {"id": recipient}, "sender_action": action}
+
+
+def sent_message_id(response: Any) -> str | None:
+    """The ``mid`` from a successful send (``{"recipient_id", "message_id"}``)."""
+    if isinstance(response, dict):
+        value = response.get("message_id")
+        if isinstance(value, str) and value:
+            return value
+    return None

@@ -97,10 +97,64 @@ RETRY = "retry"  # definitely not taken: try again after a back-off
 NEVER = "never"  # refused for this message: retrying cannot help
 CREDENTIALS = "credentials"  # the account's token is refused: pause the account
 
-# Throttling, temporary and unknown server errors.
-RETRY_CODES = frozenset({1, 2, 4, 17, 32, 613, 80007, 130429, 131000, 131056, 131057})
-# Token expired, invalidated or unparseable.
-CREDENTIAL_CODES = frozenset({102, 190})
+
+@dataclass(frozen=True)
+class ErrorRule:
+    """One row of the Graph error table (meta-channels reference a.6)."""
+
+    kind: str
+    meaning: str
+    channels: str = "all"
+    # The whole account is affected (policy block, locked account): the failure is logged as an
+    # account alert for an admin, on top of its class.
+    alert: bool = False
+
+
+# The Graph error table, by ``error.code``. Codes 200-299 (permission missing) are a range and
+# handled in :func:`rule_for`. Subcodes only refine, never override, a row: 190/463 (expired)
+# and 10/2018278 (outside the allowed window) and 10/2018300 (thread owned by another app)
+# land in the class of their code.
+ERROR_TABLE: dict[int, ErrorRule] = {
+    0: ErrorRule(CREDENTIALS, "AuthException: token expired or invalid"),
+    102: ErrorRule(CREDENTIALS, "API session: token invalid"),
+    190: ErrorRule(CREDENTIALS, "access token expired or invalid (subcode 463: expired)"),
+    1: ErrorRule(RETRY, "unknown error"),
+    2: ErrorRule(RETRY, "temporary service error"),
+    3: ErrorRule(NEVER, "capability missing"),
+    4: ErrorRule(RETRY, "application request limit reached"),
+    10: ErrorRule(NEVER, "permission denied / outside the allowed window / thread owned elsewhere"),
+    17: ErrorRule(RETRY, "user request limit reached"),
+    32: ErrorRule(RETRY, "page request limit reached"),
+    368: ErrorRule(NEVER, "temporarily blocked for policy violations", alert=True),
+    551: ErrorRule(NEVER, "this person isn't available right now", "messenger,instagram"),
+    613: ErrorRule(RETRY, "calls exceeded the rate limit", "messenger,instagram"),
+    80007: ErrorRule(RETRY, "WhatsApp Business Account rate limit", "whatsapp"),
+    130429: ErrorRule(RETRY, "Cloud API throughput exceeded", "whatsapp"),
+    131000: ErrorRule(RETRY, "something went wrong", "whatsapp"),
+    131026: ErrorRule(NEVER, "message undeliverable", "whatsapp"),
+    131031: ErrorRule(NEVER, "business account locked", "whatsapp", alert=True),
+    131047: ErrorRule(NEVER, "re-engagement: more than 24 h since the user's message", "whatsapp"),
+    131048: ErrorRule(NEVER, "spam rate limit hit", "whatsapp"),
+    131049: ErrorRule(NEVER, "Meta chose not to deliver (ecosystem limit)", "whatsapp"),
+    131050: ErrorRule(NEVER, "user stopped marketing messages", "whatsapp"),
+    131051: ErrorRule(NEVER, "unsupported message type", "whatsapp"),
+    131056: ErrorRule(RETRY, "pair rate limit: too many messages to this user", "whatsapp"),
+    131057: ErrorRule(RETRY, "account in maintenance (throughput upgrade)", "whatsapp"),
+    131060: ErrorRule(NEVER, "message unavailable", "whatsapp"),
+}
+_PERMISSION = ErrorRule(NEVER, "permission missing (200-299)")
+
+# Kept for callers that test membership.
+RETRY_CODES = frozenset(c for c, r in ERROR_TABLE.items() if r.kind == RETRY)
+CREDENTIAL_CODES = frozenset(c for c, r in ERROR_TABLE.items() if r.kind == CREDENTIALS)
+
+
+def rule_for(code: int | None) -> ErrorRule | None:
+    if code is None:
+        return None
+    if 200 <= code <= 299:
+        return _PERMISSION
+    return ERROR_TABLE.get(code)
 
 
 @dataclass(frozen=True)
@@ -109,6 +163,8 @@ class SendError:
     status: int
     code: int | None
     retry_after: float | None = None
+    subcode: int | None = None
+    alert: bool = False  # the account as a whole is blocked or locked
 
     def describe(self) -> str:
         """A short text for ``last_error``: status, code and class, never Meta's message."""
@@ -116,28 +172,44 @@ class SendError:
         return f"graph {self.status}{code} {self.kind}"
 
 
-def error_code(response: Any) -> int | None:
+def _int_field(response: Any, name: str) -> int | None:
     if isinstance(response, dict) and isinstance(response.get("error"), dict):
-        raw = response["error"].get("code")
+        raw = response["error"].get(name)
         if isinstance(raw, int) and not isinstance(raw, bool):
             return raw
     return None
 
 
+def error_code(response: Any) -> int | None:
+    return _int_field(response, "code")
+
+
 def classify_error(status: int, response: Any, retry_after: str | None = None) -> SendError:
-    """Class of a non-2xx Graph API answer (``response`` is its decoded JSON or None)."""
+    """Class of a non-2xx Graph API answer (``response`` is its decoded JSON or None).
+
+    A code in :data:`ERROR_TABLE` decides; code 0 counts as credentials only when its type is an
+    auth exception (``OAuthException``/``AuthException``). Without a known code the HTTP status
+    decides: 401 credentials, 429 and 5xx retry, anything else never."""
     code = error_code(response)
+    subcode = _int_field(response, "error_subcode")
     error_type = ""
     if isinstance(response, dict) and isinstance(response.get("error"), dict):
         error_type = str(response["error"].get("type") or "")
     wait = parse_retry_after(retry_after)
-    if status == 401 or code in CREDENTIAL_CODES or (code == 0 and "Auth" in error_type):
+    rule = rule_for(code)
+    alert = False
+    if code == 0 and "Auth" not in error_type:
+        rule = None
+    if rule is not None:
+        kind = rule.kind
+        alert = rule.alert
+    elif status == 401:
         kind = CREDENTIALS
-    elif status == 429 or status >= 500 or code in RETRY_CODES:
+    elif status == 429 or status >= 500:
         kind = RETRY
     else:
         kind = NEVER
-    return SendError(kind, status, code, wait)
+    return SendError(kind, status, code, wait, subcode, alert)
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
