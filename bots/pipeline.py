@@ -170,6 +170,10 @@ def _turn(conversation_id: int, holder: str) -> bool:
         if _apply_policy(session, ctx.conversation, ctx.contact, pending, policy, now):
             _check_lease(session, conversation_id, holder)
             return True
+        pending = _notice_unanswerable(session, ctx, pending, policy)
+        if not pending:
+            _check_lease(session, conversation_id, holder)
+            return True
         draft = _draft(session, ctx, pending, policy)
     return _answer(draft, holder)
 
@@ -344,6 +348,31 @@ def _apply_policy(
         _settle(session, conversation.id, pending, "window_expired")
         return True
     return False
+
+
+# Message kinds the model cannot take yet: answered with a notice (images reach the model once
+# a bot has a vision endpoint).
+UNANSWERABLE = {"media": "media", "unsupported": "unsupported"}
+
+
+def _notice_unanswerable(
+    session: Session, ctx: repository.ConversationContext, pending: list[Message], policy: Policy
+) -> list[Message]:
+    """Settle media and unsupported messages with one localized notice per kind and turn;
+    return the messages left for the model."""
+    for kind, notice in UNANSWERABLE.items():
+        batch = [m for m in pending if m.kind == kind]
+        if batch:
+            _notice(
+                session,
+                ctx.conversation,
+                notice,
+                f"{notice}:{batch[0].id}",
+                policy.notice(notice, ctx.contact.language),
+                channel=batch[0].channel,
+            )
+            _settle(session, ctx.conversation.id, batch, "notice", detail=f"{kind} not answered")
+    return [m for m in pending if m.kind not in UNANSWERABLE]
 
 
 def _over_limits(

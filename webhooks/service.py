@@ -284,10 +284,8 @@ def _not_answered(event: InboundMessage) -> str | None:
     """Why an inbound message is settled at intake instead of going to the pipeline."""
     if getattr(event, "standby", False):
         return None  # handled as human_mode by the caller
-    if isinstance(event, InboundMedia):
-        return "not answered yet: " + _media_label(event.media)
-    if isinstance(event, InboundUnsupported):
-        return "not answered: unsupported message"
+    # Media and unsupported messages go to the conversation lane like text (so everything a
+    # user sends is handled in order); the pipeline answers them with a localized notice.
     if isinstance(event, InboundStoryMention):
         return "not answered: story mention"
     return None

@@ -431,3 +431,30 @@ def test_a_message_arriving_while_the_model_answers_sees_that_answer_in_its_prom
         ("assistant", "answer 1"),
         ("user", "second"),
     ]
+
+
+def _deliver_image(client: TestClient, bot: WhatsAppBot, *, caption: str = "") -> None:
+    payload = simulator.whatsapp_text(phone_number_id=bot.phone_number_id, wa_id=USER, text="x")
+    message = payload["entry"][0]["changes"][0]["value"]["messages"][0]
+    message.pop("text")
+    message.update(
+        type="image",
+        image={"id": "1234567890", "mime_type": "image/jpeg", "sha256": "abc", "caption": caption},
+    )
+    body, headers = simulator.signed(payload, bot.app_secret)
+    assert client.post("/webhooks/whatsapp", content=body, headers=headers).status_code == 200
+
+
+def test_media_gets_a_localized_notice_and_text_in_the_same_burst_is_answered(
+    client: TestClient, db: Session, echo_model: ScriptedModel
+) -> None:
+    bot = make_bot(db, disclose_ai=False, language="es")
+    _deliver_image(client, bot, caption="mira")
+    deliver(client, bot, "¿Tenéis pan sin gluten?")
+    run_replies(db)
+    assert sent_texts(db, "notice") == [DEFAULT_NOTICES["media"]["es"]]
+    assert sent_texts(db) == ["echo: ¿Tenéis pan sin gluten?"]
+    kinds = dict(outcomes(db))
+    assert kinds == {"[image] mira": "notice", "¿Tenéis pan sin gluten?": "replied"}
+    # The image never reached the model's prompt.
+    assert all("[image]" not in m["content"] for m in echo_model.requests[0]["messages"])
