@@ -168,12 +168,19 @@ def record_unhandled(session: Session, *, channel: str, reason: str, payload: st
 
 
 def app_secret_for_account(session: Session, channel: str, external_id: str) -> str | None:
-    """The secret of the Meta app that owns a channel account (the sandbox signs with it)."""
-    return session.execute(
-        select(MetaApp.app_secret)
+    """The secret that signs webhooks for a channel account (the sandbox signs with it): the
+    Meta app's, or for Instagram the app's Instagram secret when it has one — the same choice
+    the Instagram route verifies with (``AppSecrets.secret_for``)."""
+    row = session.execute(
+        select(MetaApp.app_secret, MetaApp.instagram_app_secret)
         .join(ChannelAccount, ChannelAccount.meta_app_id == MetaApp.id)
         .where(ChannelAccount.channel == channel, ChannelAccount.external_id == external_id)
-    ).scalar()
+    ).first()
+    if row is None:
+        return None
+    if channel == "instagram" and row.instagram_app_secret:
+        return str(row.instagram_app_secret)
+    return str(row.app_secret)
 
 
 # --- intake of every event kind --------------------------------------------------------------

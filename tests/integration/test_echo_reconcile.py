@@ -121,3 +121,43 @@ def test_echo_metadata_settles_our_send_and_staff_echo_takes_over(
     assert db.get(Conversation, conversation.id).mode == "human"  # type: ignore[union-attr]
     human = db.execute(select(Message).where(Message.kind == "human")).scalar_one()
     assert human.body == "Hi, Ana here"
+
+
+def test_the_sandbox_signs_instagram_webhooks_with_the_instagram_secret(db: Session) -> None:
+    from webhooks import repository
+
+    apply_bots(
+        db,
+        BotsFile(
+            workspace="ig",
+            meta_apps=[
+                MetaAppSpec(
+                    name="app",
+                    app_secret="fb-secret",
+                    verify_token="v",
+                    instagram_app_secret="ig-secret",
+                )
+            ],
+            bots=[
+                BotSpec(
+                    name="b",
+                    system_prompt="p",
+                    channels=[
+                        ChannelSpec(
+                            type="instagram",
+                            app="app",
+                            instagram_account_id="1784001",
+                            access_token="t",
+                        ),
+                        ChannelSpec(
+                            type="messenger", app="app", page_id="1784002", access_token="t"
+                        ),
+                    ],
+                )
+            ],
+        ),
+    )
+    db.flush()
+    assert repository.app_secret_for_account(db, "instagram", "1784001") == "ig-secret"
+    assert repository.app_secret_for_account(db, "messenger", "1784002") == "fb-secret"
+    assert repository.app_secret_for_account(db, "instagram", "nobody") is None
