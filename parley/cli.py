@@ -173,21 +173,33 @@ def bots_apply(
 @app.command()
 def chat(
     api_url: Annotated[str | None, typer.Option("--api", help="API base URL")] = None,
-    account: Annotated[str | None, typer.Option(help="WhatsApp phone_number_id to talk to")] = None,
-    wa_id: Annotated[str | None, typer.Option("--from", help="Your WhatsApp id")] = None,
+    channel: Annotated[str, typer.Option(help="whatsapp, messenger or instagram")] = "whatsapp",
+    account: Annotated[
+        str | None,
+        typer.Option(help="The account to talk to: phone_number_id, page id or IG account id"),
+    ] = None,
+    wa_id: Annotated[
+        str | None, typer.Option("--from", help="Your WhatsApp id, PSID or IGSID")
+    ] = None,
     message: Annotated[
         list[str] | None, typer.Option("-m", "--message", help="Send, print the reply, exit")
     ] = None,
 ) -> None:
-    """Chat with a bot from the terminal, the way WhatsApp would deliver your messages."""
-    from parley.chat import Chat, find_target, new_wa_id, run_chat
+    """Chat with a bot from the terminal, the way WhatsApp, Messenger or Instagram would deliver
+    your messages (signed webhooks). Besides text: /image PATH (on WhatsApp a made-up media id:
+    the bytes are not uploaded anywhere), /react EMOJI (to the bot's last message), /delete (your
+    last message; Messenger has no unsend), /stop, /help, /quit."""
+    from parley.chat import CHANNEL_NAMES, CHANNELS, Chat, find_target, new_user_id, run_chat
     from parley.runtime import adopt_running_platform
 
+    if channel not in CHANNELS:
+        typer.echo(f"error: --channel must be one of {', '.join(CHANNELS)}", err=True)
+        raise typer.Exit(2)
     settings = adopt_running_platform()
     api = api_url or f"http://{settings.api_host}:{settings.api_port}"
     try:
-        target = find_target(account)
-        session = Chat(api, target, wa_id or new_wa_id())
+        target = find_target(account, channel)
+        session = Chat(api, target, wa_id or new_user_id(channel))
     except (LookupError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -196,11 +208,14 @@ def chat(
             f"error: cannot reach the API at {api} ({exc}); is `make run` running?", err=True
         )
         raise typer.Exit(1) from exc
-    me = session.wa_id
+    me = session.user
     if message:
         run_chat(session, message, typer.echo)
         return
-    typer.echo(f"chatting with WhatsApp number {target.phone_number_id} as {me}; /quit to leave")
+    typer.echo(
+        f"chatting with {CHANNEL_NAMES[channel]} account {target.account} as {me};"
+        " /help for commands, /quit to leave"
+    )
 
     def lines() -> object:
         while True:
