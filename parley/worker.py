@@ -12,11 +12,12 @@ from celery.signals import worker_ready
 
 import bots.tasks
 import core.jobs
+import webhooks.media_tasks
 import webhooks.tasks
 from core.celery_app import configure_celery
 from core.config import get_settings
 
-TASK_MODULES = (bots.tasks, webhooks.tasks, core.jobs)
+TASK_MODULES = (bots.tasks, webhooks.tasks, webhooks.media_tasks, core.jobs)
 
 POOLS = {"conversations": "prefork", "send": "threads", "maintenance": "prefork"}
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, func, select, text, update
+from sqlalchemy import delete, exists, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
@@ -16,6 +16,7 @@ from core.models import (
     ChannelAccount,
     Contact,
     Conversation,
+    MediaItem,
     Message,
     MetaApp,
     OptIn,
@@ -255,8 +256,9 @@ def erase_inbound(
     session: Session, *, conversation: int, channel: str, provider_message_id: str
 ) -> int | None:
     """The contact deleted (unsent) a message: its body, redacted copy and content are erased
-    and its kind becomes ``deleted``, so it leaves memory and prompts. Idempotent."""
-    return session.execute(
+    and its kind becomes ``deleted``, so it leaves memory and prompts; downloaded media of it
+    are deleted too. Idempotent."""
+    erased: int | None = session.execute(
         update(Message)
         .where(
             Message.conversation_id == conversation,
@@ -267,6 +269,9 @@ def erase_inbound(
         .values(body=None, body_redacted=None, content=None, kind="deleted")
         .returning(Message.id)
     ).scalar()
+    if erased is not None:
+        session.execute(delete(MediaItem).where(MediaItem.message_id == erased))
+    return erased
 
 
 def message_by_provider_id(

@@ -408,6 +408,9 @@ class _Intake:
             self.result.duplicates += 1
             return
         self.result.stored.append(message_id)
+        if kind == "media":
+            # Downloaded in the maintenance lane, through the SSRF-safe fetcher, stored encrypted.
+            jobs.enqueue(self.session, "maintenance.fetch_media", message_id=message_id)
         repository.touch_conversation(self.session, conversation, event.timestamp)
         reason = _not_answered(event)
         if getattr(event, "standby", False):

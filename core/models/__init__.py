@@ -1,11 +1,12 @@
 """Every ORM model, one file per table."""
 
-from core.models.base import Base, EncryptedText, utcnow
+from core.models.base import Base, EncryptedBytes, EncryptedText, utcnow
 from core.models.bot import Bot
 from core.models.channel_account import ChannelAccount
 from core.models.contact import Contact
 from core.models.conversation import Conversation
 from core.models.conversation_lease import ConversationLease
+from core.models.media import MediaItem
 from core.models.message import Message
 from core.models.meta_app import MetaApp
 from core.models.notice import Notice
@@ -25,7 +26,9 @@ __all__ = [
     "Contact",
     "Conversation",
     "ConversationLease",
+    "EncryptedBytes",
     "EncryptedText",
+    "MediaItem",
     "Message",
     "MetaApp",
     "Notice",
