@@ -27,7 +27,7 @@ from functools import lru_cache
 from typing import Any
 
 import structlog
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -36,7 +36,17 @@ from bots.policy import Policy, asks_for_human, detect_language, is_command, pol
 from core import jobs
 from core.config import get_settings
 from core.db import session_scope
-from core.models import Bot, Contact, Conversation, Message, Notice, Outcome, utcnow
+from core.models import (
+    Bot,
+    Contact,
+    Conversation,
+    MediaItem,
+    Message,
+    Notice,
+    Outcome,
+    utcnow,
+)
+from core.models.media import image_parts
 from inference import (
     BadRequest,
     ContextTooLong,
@@ -152,6 +162,7 @@ class Draft:
     user_text: str
     policy: Policy
     first_reply: bool
+    images: tuple[dict[str, Any], ...] = ()
 
 
 def _turn(conversation_id: int, holder: str) -> bool:
@@ -171,11 +182,11 @@ def _turn(conversation_id: int, holder: str) -> bool:
         if _apply_policy(session, ctx.conversation, ctx.contact, pending, policy, now):
             _check_lease(session, conversation_id, holder)
             return True
-        pending = _notice_unanswerable(session, ctx, pending, policy)
+        pending, images = _notice_unanswerable(session, ctx, pending, policy)
         if not pending:
             _check_lease(session, conversation_id, holder)
             return True
-        draft = _draft(session, ctx, pending, policy)
+        draft = _draft(session, ctx, pending, policy, images)
         # Best effort, on the send lane: mark the message read and show "typing…" while the
         # model works (never retried more than once, never holds up the reply).
         jobs.enqueue(session, "webhooks.send_typing", message_id=draft.batch[-1])
@@ -401,11 +412,24 @@ UNANSWERABLE = {"media": "media", "unsupported": "unsupported"}
 
 def _notice_unanswerable(
     session: Session, ctx: repository.ConversationContext, pending: list[Message], policy: Policy
-) -> list[Message]:
-    """Settle media and unsupported messages with one localized notice per kind and turn;
-    return the messages left for the model."""
+) -> tuple[list[Message], list[dict[str, Any]]]:
+    """Settle media and unsupported messages with one localized notice per kind and turn, except
+    images the bot's vision endpoint can look at. Returns the messages left for the model and
+    the image content parts that go with them."""
+    images: list[dict[str, Any]] = []
+    if vision_available():
+        kept: list[Message] = []
+        for message in (m for m in pending if m.kind == "media"):
+            parts = _image_parts_of(session, message)
+            if parts:
+                images.extend(parts)
+                kept.append(message)
+        pending = [m for m in pending if m.kind != "media" or m in kept]
+        unanswerable = [m for m in pending if m.kind in UNANSWERABLE and m not in kept]
+    else:
+        unanswerable = [m for m in pending if m.kind in UNANSWERABLE]
     for kind, notice in UNANSWERABLE.items():
-        batch = [m for m in pending if m.kind == kind]
+        batch = [m for m in unanswerable if m.kind == kind]
         if batch:
             _notice(
                 session,
@@ -416,7 +440,37 @@ def _notice_unanswerable(
                 channel=batch[0].channel,
             )
             _settle(session, ctx.conversation.id, batch, "notice", detail=f"{kind} not answered")
-    return [m for m in pending if m.kind not in UNANSWERABLE]
+    return [m for m in pending if m not in unanswerable], images
+
+
+MEDIA_WAIT_SECONDS = 60.0
+
+
+def _image_parts_of(session: Session, message: Message) -> list[dict[str, Any]]:
+    """The message's downloaded images as ``image_url`` parts; waits (Defer) while a download
+    is still running, up to :data:`MEDIA_WAIT_SECONDS` after the message arrived."""
+    rows = list(
+        session.scalars(
+            select(MediaItem).where(MediaItem.message_id == message.id).order_by(MediaItem.idx)
+        )
+    )
+    young = (utcnow() - message.created_at).total_seconds() < MEDIA_WAIT_SECONDS
+    if young and (not rows or any(r.state == "pending" for r in rows)):
+        raise jobs.Defer(1.0, "media downloading")
+    return [
+        image_parts(r.mime_type or "", r.content)
+        for r in rows
+        if r.state == "stored" and r.content and (r.mime_type or "").startswith("image/")
+    ]
+
+
+@lru_cache(maxsize=4)
+def _has_vision(spec: str) -> bool:
+    return any(e.role == "vision" for e in parse_endpoints(spec)) if spec else False
+
+
+def vision_available() -> bool:
+    return _has_vision(get_settings().inference_endpoints or "")
 
 
 def _over_limits(
@@ -458,6 +512,7 @@ def _draft(
     ctx: repository.ConversationContext,
     pending: list[Message],
     policy: Policy,
+    images: list[dict[str, Any]] | None = None,
 ) -> Draft:
     bot = ctx.bot
     turns = repository.history(session, ctx.conversation.id, bot.history_turns)
@@ -486,6 +541,7 @@ def _draft(
         user_text="\n".join(m.body or "" for m in pending),
         policy=policy,
         first_reply=not repository.has_bot_reply(session, ctx.conversation.id),
+        images=tuple(images or ()),
     )
 
 
@@ -493,6 +549,18 @@ def _ask_model(draft: Draft) -> tuple[str, list[str], int, memory.Prompt]:
     """The model's draft reply, reasons, tokens used and the prompt actually sent."""
     client, last = inference_client(), draft.batch[-1]
     prompt = draft.prompt
+    if draft.images:
+        # The newest user turn carries the images; the vision endpoint names its own model.
+        *earlier, newest = prompt.messages
+        parts = [{"type": "text", "text": newest["content"]}, *draft.images]
+        result = client.chat(
+            [*earlier, {"role": "user", "content": parts}],
+            params=draft.params,
+            role="vision",
+            request_id=_request_id(last, "vision"),
+        )
+        tokens = (result.prompt_tokens or 0) + (result.completion_tokens or 0)
+        return result.text, [], tokens, prompt
     try:
         result = client.chat(
             prompt.messages, params=draft.params, model=draft.model, request_id=_request_id(last)

@@ -478,3 +478,58 @@ def test_a_turn_that_goes_to_the_model_asks_for_the_typing_indicator_once(
     )
     newest = db.execute(select(func.max(Message.id)).where(Message.direction == "in")).scalar_one()
     assert typing == [{"message_id": newest}]
+
+
+def _with_vision(monkeypatch: pytest.MonkeyPatch, chat: str, vision: str) -> None:
+    from core.config import reset_settings
+
+    monkeypatch.setenv(
+        "PARLEY_INFERENCE_ENDPOINTS",
+        f"{chat}#model=smollm2,{vision}#model=scout&role=vision",
+    )
+    reset_settings()
+
+
+def test_with_a_vision_endpoint_a_downloaded_image_reaches_the_model(
+    client: TestClient,
+    db: Session,
+    echo_model: ScriptedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from core.models.media import MediaItem
+
+    vision = ScriptedModel(lambda _: completion("A croissant, freshly baked."))
+    try:
+        _with_vision(monkeypatch, echo_model.url, vision.url)
+        bot = make_bot(db, disclose_ai=False)
+        _deliver_image(client, bot, caption="what is this?")
+        message = db.execute(select(Message).where(Message.kind == "media")).scalar_one()
+        assert run_replies(db) == ["deferred"]  # the download has not run yet
+        db.add(
+            MediaItem(
+                workspace_id=message.workspace_id,
+                message_id=message.id,
+                idx=0,
+                kind="image",
+                mime_type="image/jpeg",
+                size=4,
+                content=b"\xff\xd8jp",
+                state="stored",
+            )
+        )
+        db.commit()
+        assert "done" in run_replies(db)
+    finally:
+        vision.close()
+    assert sent_texts(db) == ["A croissant, freshly baked."]
+    assert outcomes(db) == [("[image] what is this?", "replied")]
+    assert echo_model.requests == []
+    (request,) = vision.requests
+    assert request["model"] == "scout"
+    assert request["messages"][-1] == {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "[image] what is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9hqcA=="}},
+        ],
+    }
