@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -58,6 +58,20 @@ class ChannelSpec(_Strict):
         return self.phone_number_id or self.page_id or self.instagram_account_id or ""
 
 
+class TemplateSpec(_Strict):
+    """A WhatsApp message template, sent when a reply could only go out after the 24-hour
+    window closed. It is sent only while its status (from template status webhooks) is
+    APPROVED for the channel's Meta app (and ``waba_id``, when given)."""
+
+    name: str = Field(min_length=1, max_length=512, pattern=r"^[a-z0-9_]+$")
+    language: str = Field(min_length=2, max_length=32, pattern=r"^[A-Za-z]{2,3}(_[A-Za-z0-9]+)*$")
+    waba_id: str | None = Field(None, min_length=1, max_length=64)
+    # The body's {{1}}, {{2}}, … in order; none may be blank.
+    parameters: list[Annotated[str, Field(min_length=1, max_length=1024, pattern=r"\S")]] = Field(
+        default_factory=list, max_length=100
+    )
+
+
 class BotSpec(_Strict):
     name: str = Field(min_length=1, max_length=100)
     system_prompt: str = Field(min_length=1)
@@ -67,6 +81,8 @@ class BotSpec(_Strict):
     fallback_reply: str = "Sorry, I can't help with that right now."
     policy: Policy = Policy()
     channels: list[ChannelSpec] = Field(default_factory=list)
+    # WhatsApp only: sent instead of a reply once the 24-hour window has closed.
+    window_template: TemplateSpec | None = None
 
 
 class BotsFile(_Strict):

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from bots import repository
-from bots.schemas import BotsFile
+from bots.schemas import BotsFile, BotSpec
 from core.errors import BadRequest, ConfigError, NotFound
 from core.models import Bot, ChannelAccount, Conversation, MetaApp, Workspace, utcnow
 
@@ -48,6 +48,15 @@ def _note(report: ApplyReport, label: str, *, created: bool, changed: bool) -> N
         report.updated.append(label)
     else:
         report.unchanged.append(label)
+
+
+def _extra(current: dict[str, Any], bot_spec: BotSpec) -> dict[str, Any]:
+    """The bot's ``extra``: its policy, and its window template when it has one."""
+    extra = {**current, "policy": bot_spec.policy.model_dump(mode="json")}
+    extra.pop("window_template", None)
+    if bot_spec.window_template is not None:
+        extra["window_template"] = bot_spec.window_template.model_dump(mode="json")
+    return extra
 
 
 def apply_bots(session: Session, spec: BotsFile) -> ApplyReport:
@@ -109,7 +118,7 @@ def apply_bots(session: Session, spec: BotsFile) -> ApplyReport:
                 "seed": gen.seed,
                 "history_turns": bot_spec.history_turns,
                 "fallback_reply": bot_spec.fallback_reply,
-                "extra": {**bot.extra, "policy": bot_spec.policy.model_dump(mode="json")},
+                "extra": _extra(bot.extra, bot_spec),
             },
         )
         session.flush()

@@ -517,6 +517,54 @@ async def _page_send(account: str, body: dict[str, Any], request: Request) -> JS
     return JSONResponse({"recipient_id": to, "message_id": item.id})
 
 
+def _whatsapp_content(body: dict[str, Any]) -> str | JSONResponse:
+    """The text a WhatsApp send carries (a template as ``template:NAME``), or Meta's error.
+
+    A template send needs ``template.name`` and ``template.language.code``; its components, when
+    present, are a list of objects whose ``parameters`` are ``{"type": "text", "text": …}``. The
+    sandbox does not know which templates are approved: the send lane checks that itself."""
+    if body.get("type") == "template":
+        template = body.get("template")
+        language = template.get("language") if isinstance(template, dict) else None
+        if (
+            not isinstance(template, dict)
+            or not isinstance(template.get("name"), str)
+            or not template["name"]
+            or not isinstance(language, dict)
+            or not isinstance(language.get("code"), str)
+            or not language["code"]
+            or not _template_components_ok(template.get("components", []))
+        ):
+            return _error(400, 100, "Invalid parameter: template")
+        return f"template:{template['name']}"
+    text = body.get("text")
+    if (
+        body.get("type") != "text"
+        or not isinstance(text, dict)
+        or not isinstance(text.get("body"), str)
+        or not text["body"]
+    ):
+        return _error(400, 100, "Invalid parameter")
+    if len(text["body"]) > 4096:
+        return _error(400, 100, "Param text['body'] must be at most 4096 characters long.")
+    return str(text["body"])
+
+
+def _template_components_ok(components: Any) -> bool:
+    if not isinstance(components, list):
+        return False
+    for component in components:
+        if not isinstance(component, dict) or not isinstance(component.get("type"), str):
+            return False
+        parameters = component.get("parameters", [])
+        if not isinstance(parameters, list) or not all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in parameters
+        ):
+            return False
+    return True
+
+
 @router.post("/graph/{version}/{account}/messages")
 async def send_message(
     version: str,
@@ -525,8 +573,9 @@ async def send_message(
     authorization: Annotated[str | None, Header()] = None,
     access_token: Annotated[str | None, Query()] = None,
 ) -> JSONResponse:
-    """Accepts WhatsApp Cloud API text and read/typing requests, and Messenger/Instagram Send
-    API text and sender-action requests; answers in Meta's success or error format."""
+    """Accepts WhatsApp Cloud API text, template and read/typing requests, and
+    Messenger/Instagram Send API text and sender-action requests; answers in Meta's success or
+    error format."""
     bearer = bool(authorization and authorization.startswith("Bearer ") and len(authorization) > 7)
     if not bearer and not access_token:
         return _error(401, 190, "Invalid OAuth access token - Cannot parse access token")
@@ -550,19 +599,15 @@ async def send_message(
             return _error(400, 100, "Invalid parameter")
         store.add_action(channel="whatsapp", account=account, request=body)
         return JSONResponse({"success": True})
-    text = body.get("text") if isinstance(body, dict) else None
     if (
         not isinstance(body, dict)
         or body.get("messaging_product") != "whatsapp"
         or not isinstance(body.get("to"), str)
-        or body.get("type") != "text"
-        or not isinstance(text, dict)
-        or not isinstance(text.get("body"), str)
-        or not text["body"]
     ):
         return _error(400, 100, "Invalid parameter")
-    if len(text["body"]) > 4096:
-        return _error(400, 100, "Param text['body'] must be at most 4096 characters long.")
+    content = _whatsapp_content(body)
+    if isinstance(content, JSONResponse):
+        return content
     callback = body.get("biz_opaque_callback_data")
     if callback is not None and (not isinstance(callback, str) or len(callback) > 512):
         return _error(400, 100, "Param biz_opaque_callback_data must be at most 512 characters")
@@ -574,7 +619,7 @@ async def send_message(
     item = store.add(
         account=account,
         to=body["to"],
-        text=text["body"],
+        text=content,
         callback_data=callback,
         fault=fault,
         request=body,

@@ -14,11 +14,14 @@ the full text in ``body``) and enqueues ``webhooks.send`` with its id. This job 
 
 Per channel (meta-channels reference a.5, a.8): WhatsApp ``POST /{phone_number_id}/messages``
 (free-form only inside the 24-hour window, reply context ``context.message_id``, correlation
-``biz_opaque_callback_data``); Messenger ``POST /{page_id}/messages`` and Instagram
-``POST /{ig_id}/messages``, both with the account's token as ``Authorization: Bearer`` and a
-``messaging_type`` chosen by :func:`webhooks.channels.messenger.messaging_for` (Messenger carries
-the chunk's idempotency key as ``message.metadata``, which its echo returns; Instagram has no such
-field and is matched by ``repository.settle_instagram_echo``).
+``biz_opaque_callback_data``; a message of kind ``template`` holds the JSON of a template's name,
+language and body parameters, goes out as one chunk outside the window too, and only while the
+``templates`` row of the account's Meta app says APPROVED — otherwise it fails unsent and the
+``window_expired`` outcomes pointing at it say why); Messenger ``POST /{page_id}/messages`` and
+Instagram ``POST /{ig_id}/messages``, both with the account's token as ``Authorization: Bearer``
+and a ``messaging_type`` chosen by :func:`webhooks.channels.messenger.messaging_for` (Messenger
+carries the chunk's idempotency key as ``message.metadata``, which its echo returns; Instagram has
+no such field and is matched by ``repository.settle_instagram_echo``).
 
 Retries have one layer: a retryable failure puts the chunk back to ``pending`` and raises
 ``Defer`` with capped exponential back-off, full jitter and at least ``Retry-After``; the chunk's
@@ -28,6 +31,7 @@ Graph API call.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -37,13 +41,14 @@ from typing import Any
 
 import httpx
 import structlog
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core import jobs
 from core.config import Settings, get_settings
 from core.crypto import get_keyring
 from core.db import session_scope
-from core.models import utcnow
+from core.models import ChannelAccount, Outcome, Template, utcnow
 from webhooks import repository
 from webhooks.channels import instagram, messenger, meta, whatsapp
 from webhooks.channels.text import limit_for, split_text
@@ -136,6 +141,15 @@ def _create_chunks(session: Session, message: repository.Outbound) -> list[int]:
             "send.unsupported_channel", message_id=message.message_id, channel=message.channel
         )
         return []
+    if message.kind == "template":
+        if message.channel != "whatsapp" or template_of(message.body) is None:
+            repository.end_message(
+                session, message.message_id, status="failed", error="invalid_template"
+            )
+            log.error("send.invalid_template", message_id=message.message_id)
+            return []
+        repository.create_chunks(session, message, [message.body or ""])
+        return repository.chunk_ids(session, message.message_id)
     parts = split_text(message.body or "", limit_for(message.channel))
     if not parts:
         repository.end_message(session, message.message_id, status="failed", error="empty_body")
@@ -211,6 +225,11 @@ def _gate(
         session, conversation_id=message.conversation_id, message_id=message.message_id
     ):
         return jobs.Defer(settings.send_order_delay, "earlier_message_unfinished")
+    if message.kind == "template":
+        refusal = _template_refusal(session, message)
+        if refusal is not None:
+            _refuse_template(session, message, chunk_id, refusal, from_state=chunk.state)
+            return None
     messaging = _messaging(message, now, settings)
     if messaging is None:
         _expire(session, message)
@@ -241,6 +260,8 @@ def _messaging(
     RESPONSE / UPDATE inside it, MESSAGE_TAG + HUMAN_AGENT for a person's message until
     ``send_human_agent_hours``; a bot message never gets a tag."""
     if message.channel == "whatsapp":
+        if message.kind == "template":
+            return None, None  # templates are what WhatsApp delivers outside the window
         return None if _window_closed(message.last_inbound_at, now, settings) else (None, None)
     since = None if message.last_inbound_at is None else now - message.last_inbound_at
     return messenger.messaging_for(
@@ -249,6 +270,82 @@ def _messaging(
         since_user=since,
         window=timedelta(hours=settings.send_window_hours),
         human_window=timedelta(hours=settings.send_human_agent_hours),
+    )
+
+
+@dataclass(frozen=True)
+class TemplateSend:
+    """What an outbound message of kind ``template`` holds in its body (as JSON)."""
+
+    name: str
+    language: str
+    waba_id: str | None
+    parameters: tuple[str, ...]
+
+
+def template_of(body: str | None) -> TemplateSend | None:
+    """The template a ``template`` message names; None when its body is not one."""
+    try:
+        data = json.loads(body or "")
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    name, language, waba_id = data.get("name"), data.get("language"), data.get("waba_id")
+    parameters = data.get("parameters") or []
+    if (
+        not isinstance(name, str)
+        or not name
+        or not isinstance(language, str)
+        or not language
+        or (waba_id is not None and not isinstance(waba_id, str))
+        or not isinstance(parameters, list)
+        or not all(isinstance(p, str) for p in parameters)
+    ):
+        return None
+    return TemplateSend(name, language, waba_id, tuple(parameters))
+
+
+def _template_refusal(session: Session, message: repository.Outbound) -> str | None:
+    """Why this template must not be sent (None: it is APPROVED for the account's Meta app)."""
+    template = template_of(message.body)
+    if template is None:
+        return "invalid template message"
+    query = (
+        select(Template.status)
+        .join(ChannelAccount, ChannelAccount.meta_app_id == Template.meta_app_id)
+        .where(
+            ChannelAccount.id == message.account_id,
+            Template.name == template.name,
+            Template.language == template.language,
+        )
+    )
+    if template.waba_id is not None:
+        query = query.where(Template.waba_id == template.waba_id)
+    statuses = set(session.execute(query).scalars())
+    label = f"template {template.name} ({template.language})"
+    if "APPROVED" in statuses:
+        return None
+    if not statuses:
+        return f"{label} is unknown: no status webhook received"
+    return f"{label} is {', '.join(sorted(statuses))}, not APPROVED"
+
+
+def _refuse_template(
+    session: Session, message: repository.Outbound, chunk_id: int, reason: str, *, from_state: str
+) -> None:
+    """Fail the template message unsent; the messages it stood for say why."""
+    _give_up(session, message, chunk_id, reason, to="failed", from_state=from_state)
+    session.execute(
+        update(Outcome)
+        .where(Outcome.reply_id == message.message_id)
+        .values(kind="window_expired", detail=f"template not sent: {reason}")
+    )
+    log.warning(
+        "send.template_refused",
+        message_id=message.message_id,
+        conversation_id=message.conversation_id,
+        reason=reason,
     )
 
 
@@ -407,6 +504,18 @@ def build_request(
 
     Reply context goes only on a reply's first chunk (WhatsApp; Messenger and Instagram text
     sends carry none)."""
+    if message.channel == "whatsapp" and message.kind == "template":
+        template = template_of(chunk.body)
+        if template is None:
+            raise ValueError(f"message {message.message_id} is not a valid template message")
+        return whatsapp.build_template_send(
+            phone_number_id=message.account,
+            to=message.recipient,
+            name=template.name,
+            language=template.language,
+            parameters=template.parameters,
+            callback_data=chunk.idempotency_key,
+        )
     if message.channel == "whatsapp":
         return whatsapp.build_text_send(
             phone_number_id=message.account,

@@ -41,7 +41,8 @@ class Message(CreatedAt, Base):
     conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
     direction: Mapped[str] = mapped_column(String(3))
     channel: Mapped[str] = mapped_column(String(16))
-    # Outbound: text | notice (fixed texts: never the reply to a message) | human (a person).
+    # Outbound: text | notice (fixed texts: never the reply to a message) | human (a person) |
+    # template (WhatsApp, outside the 24-hour window, sent only while APPROVED).
     # Inbound: text | media | location | contacts | choice | story_reply | story_mention |
     # unsupported, and deleted once the contact deleted it (body and content erased).
     kind: Mapped[str] = mapped_column(String(16), default="text")

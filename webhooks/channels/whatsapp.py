@@ -15,7 +15,7 @@ than text and statuses reported as ``Unhandled`` under its earlier reason
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -521,6 +521,34 @@ def build_text_send(
     }
     if reply_to:
         body["context"] = {"message_id": reply_to}
+    if callback_data:
+        body["biz_opaque_callback_data"] = callback_data[:512]
+    return f"{phone_number_id}/messages", body
+
+
+def build_template_send(
+    *,
+    phone_number_id: str,
+    to: str,
+    name: str,
+    language: str,
+    parameters: Sequence[str] = (),
+    callback_data: str | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The Graph API path and JSON body for a template message (the only kind WhatsApp
+    delivers outside the 24-hour window); ``parameters`` fill the body's {{1}}, {{2}}, …"""
+    template: dict[str, Any] = {"name": name, "language": {"code": language}}
+    if parameters:
+        template["components"] = [
+            {"type": "body", "parameters": [{"type": "text", "text": p} for p in parameters]}
+        ]
+    body: dict[str, Any] = {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": to,
+        "type": "template",
+        "template": template,
+    }
     if callback_data:
         body["biz_opaque_callback_data"] = callback_data[:512]
     return f"{phone_number_id}/messages", body
