@@ -534,20 +534,13 @@ class _Intake:
             self.session, channel=event.channel, provider_message_id=event.message_id
         ):
             return True
-        if event.metadata and repository.is_our_chunk_key(
-            self.session, conversation=conversation, key=event.metadata
-        ):
-            # Messenger echoes our metadata (the chunk's idempotency key), with or without the
-            # app id configured in bots YAML.
-            repository.settle_echoed_chunk(
-                self.session,
-                conversation=conversation,
-                provider_message_id=event.message_id,
-                now=now,
-                key=event.metadata,
-            )
-            return True
-        if self.app.app_id is not None and event.app_id == self.app.app_id:
+        # Messenger echoes our metadata (the chunk's idempotency key), whether or not the bots
+        # file names the Meta app id; the app id alone also marks an echo as ours.
+        by_key = bool(event.metadata) and repository.is_our_chunk_key(
+            self.session, conversation=conversation, key=event.metadata or ""
+        )
+        by_app = self.app.app_id is not None and event.app_id == self.app.app_id
+        if by_key or by_app:
             repository.settle_echoed_chunk(
                 self.session,
                 conversation=conversation,
