@@ -154,6 +154,9 @@ class Network:
                 500, json={"error": {"message": "unknown", "type": "OAuthException", "code": 1}}
             )
         body = json.loads(request.content)
+        if body.get("status") == "read":
+            # Mark-as-read (with the typing indicator): Meta answers it, it is not a message.
+            return httpx.Response(200, json={"success": True})
         wamid = "wamid.FAKE" + secrets.token_hex(8).upper()
         key = body.get("biz_opaque_callback_data")
         self.accepted.append(
