@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     # Messenger/Instagram: a person's message (kind "human") may still go out this many hours
     # after the user's last message, tagged HUMAN_AGENT; bot messages never carry the tag.
     send_human_agent_hours: float = Field(default=168.0, ge=0)
+    # UNVERIFIED: Messenger reply context as a top-level `reply_to: {"mid": …}` (the parameter is
+    # listed in the PageMessages reference, its shape is not confirmed): off until verified.
+    messenger_reply_context: bool = False
     # Instagram sends go to this Graph API base (empty: graph_api_url). Set it to
     # https://graph.instagram.com for accounts connected through Instagram Login.
     instagram_graph_api_url: str | None = None

@@ -446,7 +446,9 @@ def _attempt(current: Lane, message: repository.Outbound, chunk_id: int, go: _Go
         "conversation_id": message.conversation_id,
         "account_id": message.account_id,
     }
-    path, body = build_request(message, chunk, go)
+    path, body = build_request(
+        message, chunk, go, messenger_reply_context=settings.messenger_reply_context
+    )
     url = graph_url(settings, message.channel, path)
     try:
         response = current.http.post(
@@ -498,12 +500,16 @@ def graph_url(settings: Settings, channel: str, path: str) -> str:
 
 
 def build_request(
-    message: repository.Outbound, chunk: repository.Chunk, go: _Go
+    message: repository.Outbound,
+    chunk: repository.Chunk,
+    go: _Go,
+    *,
+    messenger_reply_context: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """The Graph API path (after the version) and JSON body of one chunk's send.
 
-    Reply context goes only on a reply's first chunk (WhatsApp; Messenger and Instagram text
-    sends carry none)."""
+    Reply context goes only on a reply's first chunk: WhatsApp always, Messenger when
+    ``messenger_reply_context`` is on (its shape is unconfirmed), Instagram never."""
     if message.channel == "whatsapp" and message.kind == "template":
         template = template_of(chunk.body)
         if template is None:
@@ -533,6 +539,9 @@ def build_request(
             messaging_type=messaging_type,
             tag=go.tag,
             metadata=chunk.idempotency_key,
+            reply_to=(
+                message.reply_to_provider_id if messenger_reply_context and chunk.idx == 0 else None
+            ),
         )
     if message.channel == "instagram":
         return instagram.build_text_send(

@@ -248,6 +248,13 @@ def test_build_request_per_channel() -> None:
             "message": {"text": "b", "metadata": "7:1"},
         },
     )
+    replying = _outbound("messenger", reply_to_id=5, reply_to_provider_id="m_IN")
+    _, off = build_request(replying, _chunk(0, "a"), _Go())
+    assert "reply_to" not in off  # unconfirmed shape: off by default
+    _, on = build_request(replying, _chunk(0, "a"), _Go(), messenger_reply_context=True)
+    assert on["reply_to"] == {"mid": "m_IN"}
+    _, later = build_request(replying, _chunk(1, "b"), _Go(), messenger_reply_context=True)
+    assert "reply_to" not in later
     path, body = build_request(
         _outbound("instagram", kind="human"),
         _chunk(0, "c"),

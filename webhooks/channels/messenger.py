@@ -557,8 +557,12 @@ def build_text_send(
     messaging_type: str,
     tag: str | None = None,
     metadata: str | None = None,
+    reply_to: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The Graph API path (after the version) and JSON body for one text message.
+
+    ``reply_to`` (the user's ``mid``) quotes the message being answered — UNVERIFIED shape, sent
+    only when ``PARLEY_MESSENGER_REPLY_CONTEXT`` is on.
 
     ``metadata`` (under 1000 characters; Parley puts the chunk's idempotency key there) comes
     back in the ``message_echoes`` webhook of this message: it is how a send whose answer was lost
@@ -572,6 +576,8 @@ def build_text_send(
         body["tag"] = tag
     if metadata:
         body["message"]["metadata"] = metadata[: METADATA_LIMIT - 1]
+    if reply_to:
+        body["reply_to"] = {"mid": reply_to}
     return f"{page_id}/messages", body
 
 
