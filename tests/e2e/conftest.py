@@ -84,7 +84,8 @@ def platform_env(db_url: str, model_url: str, api_port: int, **extra: str) -> di
     env = dict(os.environ)
     env.update(
         DATABASE_URL=db_url,
-        PARLEY_REDIS_PREFIX=f"parley-e2e-{secrets.token_hex(4)}:",
+        # Under the session's prefix, so the session's clean-up removes these keys too.
+        PARLEY_REDIS_PREFIX=f"{os.environ['PARLEY_REDIS_PREFIX']}e2e-{secrets.token_hex(4)}:",
         PARLEY_INFERENCE_ENDPOINTS=f"{model_url}#model=smollm2",
         PARLEY_API_PORT=str(api_port),
         PARLEY_GRAPH_API_URL=f"http://127.0.0.1:{api_port}/sandbox/graph",
