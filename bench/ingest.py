@@ -17,7 +17,7 @@ to one core. Each server gets a warm-up, then the measured run; the baseline run
 
 Status mode: after the ingest run, Parley receives ``statuses`` webhooks (sent, delivered, read)
 for outbound messages seeded in its database (one status per request, as Meta sends them). They
-go through Parley's status path (the group-commit batcher when it is on). Its ratio is against
+go through the same group commit as every delivery. Its ratio is against
 the same baseline ingest rate (the goal in the performance reference is ≥ 3 × B_ingest).
 
 Prints ``status ratio X.XX`` and, last, ``ingest ratio X.XX`` (Parley / baseline req/s).
@@ -368,11 +368,10 @@ def status_path() -> str:
     from core.config import Settings
 
     settings = Settings()
-    most = int(getattr(settings, "status_batch_max", 0))
-    wait = float(getattr(settings, "status_batch_wait", 0.0))
-    if most > 0:
-        return f"group commit (up to {most} requests or {wait * 1000:.0f} ms per transaction)"
-    return "one commit per request"
+    most, wait = settings.intake_batch_max, settings.intake_batch_wait
+    if most > 1:
+        return f"group commit (up to {most} deliveries or {wait * 1000:.0f} ms per transaction)"
+    return "one commit per delivery"
 
 
 def report(results: dict[str, Measured], args: argparse.Namespace) -> int:

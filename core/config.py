@@ -109,10 +109,15 @@ class Settings(BaseSettings):
     send_paused_probe_interval: float = 60.0
     # While Redis cannot be reached the limiters let sends through, each after this pause.
     send_degraded_delay: float = 0.2
-    # Status-only webhooks are group-committed: up to status_batch_max requests or
-    # status_batch_wait seconds per transaction (0 max turns batching off).
-    status_batch_max: int = Field(default=50, ge=0)
-    status_batch_wait: float = 0.005
+    # Webhook deliveries are group-committed: every delivery waiting when a batch starts, up
+    # to intake_batch_max (1 commits each delivery alone), waiting up to intake_batch_wait
+    # seconds for more (0: none; under load deliveries queue up behind the running commit).
+    intake_batch_max: int = Field(default=50, ge=1)
+    intake_batch_wait: float = Field(default=0.0, ge=0)
+    # Meta apps' secrets and channel-account routes are read from Postgres at most this often
+    # (an unknown signature re-reads the apps at once); bot changes reach new conversations
+    # within this many seconds.
+    routing_cache_seconds: float = Field(default=5.0, ge=0)
 
     # Media downloads (webhooks.media). Size cap in bytes; host allow-list (comma-separated;
     # "*." matches any subdomain, another "*" part of one label; the Graph API host is always

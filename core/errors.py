@@ -39,6 +39,13 @@ class PayloadTooLarge(AppError):
     code = "payload_too_large"
 
 
+class Unavailable(AppError):
+    """A dependency did not answer in time; the client should retry (Meta does)."""
+
+    status_code = 503
+    code = "unavailable"
+
+
 class ConfigError(AppError):
     """A bot configuration file is invalid; the message names the file and line."""
 

@@ -1,20 +1,24 @@
-"""Webhook routes: thin — read the bounded body, call the intake service, commit, answer."""
+"""Webhook routes: thin — read the bounded body, verify, parse, await the group commit, answer."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from core.config import Settings
 from core.db import session_scope
-from core.errors import BadRequest, Forbidden, PayloadTooLarge
+from core.errors import BadRequest, Forbidden, PayloadTooLarge, Unavailable
 from webhooks import service
-from webhooks.batcher import StatusBatcher
+from webhooks.batcher import IntakeBatcher
 from webhooks.channels import meta
+from webhooks.directory import Directory
 
 MAX_BODY = 4 * 1024 * 1024  # Meta sends up to 3 MB; anything above this is not Meta
 
@@ -91,77 +95,97 @@ def verify_instagram(
     return _handshake(factory, "instagram", mode, token, challenge)
 
 
-_batcher_lock = threading.Lock()
+@dataclass(frozen=True)
+class Intake:
+    """The app's cached apps and routes, and its group-commit writer."""
+
+    directory: Directory
+    batcher: IntakeBatcher
 
 
-def status_batcher(request: Request) -> StatusBatcher | None:
-    """The app's group-commit writer for status-only deliveries (None when turned off)."""
-    settings: Settings = request.app.state.settings
-    if settings.status_batch_max <= 0:
-        return None
-    with _batcher_lock:
-        batcher: StatusBatcher | None = getattr(request.app.state, "status_batcher", None)
-        if batcher is None:
-            batcher = StatusBatcher(
-                get_sessionmaker(request),
-                max_requests=settings.status_batch_max,
-                max_wait=settings.status_batch_wait,
+_intake_lock = threading.Lock()
+
+
+def intake_for(app: FastAPI) -> Intake:
+    with _intake_lock:
+        intake: Intake | None = getattr(app.state, "intake", None)
+        if intake is None:
+            settings: Settings = app.state.settings
+            factory: sessionmaker[Session] = app.state.sessionmaker
+            directory = Directory(factory, ttl=settings.routing_cache_seconds)
+            intake = Intake(
+                directory,
+                IntakeBatcher(
+                    factory,
+                    directory,
+                    max_requests=settings.intake_batch_max,
+                    max_wait=settings.intake_batch_wait,
+                ),
             )
-            request.app.state.status_batcher = batcher
-        return batcher
+            app.state.intake = intake
+        return intake
+
+
+# Bodies above this are parsed on a worker thread rather than on the event loop.
+PARSE_INLINE_MAX = 64 * 1024
+
+
+async def _receive(request: Request, channel: str, body: bytes) -> JSONResponse:
+    """Verify, parse, then wait for the delivery's group commit; 200 only once it is durable.
+
+    Runs on the event loop: the apps come from the cache (read on a worker thread when stale),
+    and the request waits for the writer thread's commit without holding a thread itself."""
+    intake = intake_for(request.app)
+    directory = intake.directory
+    signature = request.headers.get("x-hub-signature-256")
+    apps = directory.apps() if directory.apps_fresh() else await run_in_threadpool(directory.apps)
+    app = service.signing_app(apps, body, signature, channel)
+    if app is None and directory.may_force():
+        # A secret added or rotated since the cache was read: read the apps again, once.
+        apps = await run_in_threadpool(directory.refresh_apps)
+        app = service.signing_app(apps, body, signature, channel)
+    if app is None:
+        raise service.reject_signature(channel)
+    if len(body) <= PARSE_INLINE_MAX:
+        events = service.parse(channel, body)
+    else:
+        events = await run_in_threadpool(service.parse, channel, body)
+    done = intake.batcher.submit(service.Delivery(channel, app, events))
+    try:
+        result = await asyncio.wait_for(asyncio.wrap_future(done), timeout=COMMIT_TIMEOUT)
+    except TimeoutError as exc:
+        raise Unavailable("the delivery could not be stored in time; retry later") from exc
+    return JSONResponse(result.as_json())
+
+
+COMMIT_TIMEOUT = 30.0  # seconds a request waits for its batch (Meta's own timeout is longer)
 
 
 @router.post("/whatsapp")
-def receive_whatsapp(
-    request: Request,
-    factory: Factory,
-    body: Annotated[bytes, Depends(bounded_body)],
+async def receive_whatsapp(
+    request: Request, body: Annotated[bytes, Depends(bounded_body)]
 ) -> JSONResponse:
-    """Store every event of the delivery, then answer 200 (only after the commit).
-
-    A delivery of statuses only is group-committed with other such deliveries and answered
-    once its batch is committed; anything else commits in this request. If any event fails
-    the whole delivery rolls back and the answer is 5xx, so Meta delivers it again."""
-    signature = request.headers.get("x-hub-signature-256")
-    batcher = None
-    with session_scope(factory) as session:
-        app, events = service.read_whatsapp(session, body, signature)
-        if service.status_only(events):
-            batcher = status_batcher(request)
-        if batcher is None:
-            result = service.store_whatsapp(session, app, events)
-    if batcher is not None:
-        result = service.apply_status_batch(batcher, app, events)
-    return JSONResponse(result.as_json())
-
-
-def _receive(
-    factory: sessionmaker[Session], channel: str, body: bytes, signature: str | None
-) -> JSONResponse:
-    with session_scope(factory) as session:
-        app, events = service.read_delivery(session, channel, body, signature)
-        result = service.store_events(session, app, events, channel=channel)
-    return JSONResponse(result.as_json())
+    """WhatsApp Cloud API (``object: whatsapp_business_account``): every event of the delivery
+    is stored in one transaction, group-committed with other deliveries, and answered 200 only
+    after that commit. If any event fails, the delivery is rolled back and answered 5xx, so
+    Meta delivers it again (message ids and upserts make the retry safe)."""
+    return await _receive(request, "whatsapp", body)
 
 
 @router.post("/messenger")
-def receive_messenger(
-    request: Request,
-    factory: Factory,
-    body: Annotated[bytes, Depends(bounded_body)],
+async def receive_messenger(
+    request: Request, body: Annotated[bytes, Depends(bounded_body)]
 ) -> JSONResponse:
-    """Messenger (``object: page``): every ``entry[].messaging[]``/``standby[]`` event in one
-    transaction, answered 200 after the commit; signed with the Meta app's secret."""
-    return _receive(factory, "messenger", body, request.headers.get("x-hub-signature-256"))
+    """Messenger (``object: page``): every ``entry[].messaging[]``/``standby[]`` event, stored
+    and answered as WhatsApp's; signed with the Meta app's secret."""
+    return await _receive(request, "messenger", body)
 
 
 @router.post("/instagram")
-def receive_instagram(
-    request: Request,
-    factory: Factory,
-    body: Annotated[bytes, Depends(bounded_body)],
+async def receive_instagram(
+    request: Request, body: Annotated[bytes, Depends(bounded_body)]
 ) -> JSONResponse:
     """Instagram (``object: instagram``), as Messenger. Signed with the app's
     ``instagram_app_secret`` when set, else its app secret (UNVERIFIED: Instagram API with
     Instagram Login may sign with the Instagram app's secret)."""
-    return _receive(factory, "instagram", body, request.headers.get("x-hub-signature-256"))
+    return await _receive(request, "instagram", body)

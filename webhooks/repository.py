@@ -12,6 +12,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
+from core.crypto import get_keyring
 from core.models import (
     ChannelAccount,
     Contact,
@@ -153,6 +154,194 @@ def insert_inbound(
         .on_conflict_do_nothing(index_elements=["channel", "provider_message_id"])
         .returning(Message.id)
     ).scalar()
+
+
+# --- group-committed inbound messages (webhooks.batcher) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class ThreadKey:
+    """A contact of a channel account, as the webhook names it."""
+
+    workspace_id: int
+    bot_id: int
+    account_id: int
+    channel: str
+    contact: str  # the contact's id on the channel
+    name: str | None = None
+
+
+_THREADS = text(
+    """
+    WITH input AS (
+        SELECT DISTINCT ON (t.account_id, t.external_id) t.*
+          FROM unnest(CAST(:workspaces AS bigint[]), CAST(:bots AS bigint[]),
+                      CAST(:accounts AS bigint[]), CAST(:channels AS text[]),
+                      CAST(:externals AS text[]), CAST(:names AS bytea[]))
+            AS t(workspace_id, bot_id, account_id, channel, external_id, display_name)
+    ), new_contacts AS (
+        INSERT INTO contacts (workspace_id, channel, external_id, display_name)
+        SELECT DISTINCT ON (workspace_id, channel, external_id)
+               workspace_id, channel, external_id, display_name
+          FROM input
+        ON CONFLICT (workspace_id, channel, external_id) DO NOTHING
+        RETURNING id, workspace_id, channel, external_id
+    ), contact_ids AS (
+        SELECT id, workspace_id, channel, external_id FROM new_contacts
+        UNION ALL
+        SELECT c.id, c.workspace_id, c.channel, c.external_id
+          FROM contacts AS c
+          JOIN (SELECT DISTINCT workspace_id, channel, external_id FROM input) AS i
+            ON c.workspace_id = i.workspace_id AND c.channel = i.channel
+           AND c.external_id = i.external_id
+    ), pairs AS (
+        SELECT i.workspace_id, i.bot_id, i.account_id, i.external_id, ci.id AS contact_id
+          FROM input AS i
+          JOIN contact_ids AS ci
+            ON ci.workspace_id = i.workspace_id AND ci.channel = i.channel
+           AND ci.external_id = i.external_id
+    ), new_conversations AS (
+        INSERT INTO conversations (workspace_id, bot_id, channel_account_id, contact_id)
+        SELECT workspace_id, bot_id, account_id, contact_id FROM pairs
+        ON CONFLICT (channel_account_id, contact_id) DO NOTHING
+        RETURNING id, channel_account_id, contact_id
+    ), conversation_ids AS (
+        SELECT id, channel_account_id, contact_id FROM new_conversations
+        UNION ALL
+        SELECT cv.id, cv.channel_account_id, cv.contact_id
+          FROM conversations AS cv
+          JOIN pairs AS p ON cv.channel_account_id = p.account_id AND cv.contact_id = p.contact_id
+    )
+    SELECT p.account_id, p.external_id, cv.id AS conversation_id
+      FROM pairs AS p
+      JOIN conversation_ids AS cv
+        ON cv.channel_account_id = p.account_id AND cv.contact_id = p.contact_id
+    """
+)
+
+
+def conversation_ids(session: Session, keys: Sequence[ThreadKey]) -> dict[tuple[int, str], int]:
+    """``(account id, contact) -> conversation id`` for every key, creating contacts and
+    conversations that do not exist yet: one statement for the whole batch.
+
+    Existing rows are read from the statement's snapshot, so a contact or conversation another
+    transaction inserted concurrently is seen by neither half; such keys are then resolved one by
+    one with the row-wise upserts."""
+    if not keys:
+        return {}
+    keyring = get_keyring()
+    rows = session.execute(
+        _THREADS,
+        {
+            "workspaces": [k.workspace_id for k in keys],
+            "bots": [k.bot_id for k in keys],
+            "accounts": [k.account_id for k in keys],
+            "channels": [k.channel for k in keys],
+            "externals": [k.contact for k in keys],
+            "names": [None if k.name is None else keyring.encrypt(k.name) for k in keys],
+        },
+    ).all()
+    found = {(r.account_id, r.external_id): r.conversation_id for r in rows}
+    for k in keys:
+        if (k.account_id, k.contact) in found:
+            continue
+        contact = contact_id(
+            session,
+            workspace_id=k.workspace_id,
+            channel=k.channel,
+            external_id=k.contact,
+            name=k.name,
+        )
+        found[(k.account_id, k.contact)] = _conversation_for(session, k, contact)
+    return found
+
+
+def _conversation_for(session: Session, key: ThreadKey, contact: int) -> int:
+    inserted = session.execute(
+        insert(Conversation)
+        .values(
+            workspace_id=key.workspace_id,
+            bot_id=key.bot_id,
+            channel_account_id=key.account_id,
+            contact_id=contact,
+        )
+        .on_conflict_do_nothing(index_elements=["channel_account_id", "contact_id"])
+        .returning(Conversation.id)
+    ).scalar()
+    if inserted is not None:
+        return inserted
+    return session.execute(
+        select(Conversation.id).where(
+            Conversation.channel_account_id == key.account_id, Conversation.contact_id == contact
+        )
+    ).scalar_one()
+
+
+@dataclass(frozen=True)
+class InboundRow:
+    workspace_id: int
+    conversation_id: int
+    channel: str
+    kind: str
+    provider_message_id: str
+    provider_ts: datetime
+    body: str | None
+    content: str | None
+
+
+_INSERT_INBOUND = text(
+    """
+    WITH input AS (
+        SELECT *
+          FROM unnest(CAST(:workspaces AS bigint[]), CAST(:conversations AS bigint[]),
+                      CAST(:channels AS text[]), CAST(:kinds AS text[]), CAST(:ids AS text[]),
+                      CAST(:times AS timestamptz[]), CAST(:bodies AS bytea[]),
+                      CAST(:contents AS bytea[]))
+               WITH ORDINALITY
+            AS t(workspace_id, conversation_id, channel, kind, provider_message_id,
+                 provider_ts, body, content, ord)
+    ), stored AS (
+        INSERT INTO messages (workspace_id, conversation_id, direction, channel, kind,
+                              provider_message_id, provider_ts, body, content, status, attempts)
+        SELECT workspace_id, conversation_id, 'in', channel, kind, provider_message_id,
+               provider_ts, body, content, 'received', 0
+          FROM input
+         ORDER BY ord
+        ON CONFLICT (channel, provider_message_id) DO NOTHING
+        RETURNING id, conversation_id, channel, provider_message_id, provider_ts
+    ), touched AS (
+        UPDATE conversations AS cv
+           SET last_inbound_at = greatest(cv.last_inbound_at, s.at)
+          FROM (SELECT conversation_id, max(provider_ts) AS at FROM stored
+                 GROUP BY conversation_id) AS s
+         WHERE cv.id = s.conversation_id
+    )
+    SELECT id, channel, provider_message_id FROM stored
+    """
+)
+
+
+def insert_inbound_many(session: Session, rows: Sequence[InboundRow]) -> dict[tuple[str, str], int]:
+    """Store inbound messages in arrival order and open their conversations' windows, in one
+    statement. Returns ``(channel, provider message id) -> id`` for the rows stored; the others
+    were stored before (duplicates). The caller passes each provider id once."""
+    if not rows:
+        return {}
+    keyring = get_keyring()
+    stored = session.execute(
+        _INSERT_INBOUND,
+        {
+            "workspaces": [r.workspace_id for r in rows],
+            "conversations": [r.conversation_id for r in rows],
+            "channels": [r.channel for r in rows],
+            "kinds": [r.kind for r in rows],
+            "ids": [r.provider_message_id for r in rows],
+            "times": [r.provider_ts for r in rows],
+            "bodies": [None if r.body is None else keyring.encrypt(r.body) for r in rows],
+            "contents": [None if r.content is None else keyring.encrypt(r.content) for r in rows],
+        },
+    ).all()
+    return {(r.channel, r.provider_message_id): r.id for r in stored}
 
 
 def touch_conversation(session: Session, conversation: int, at: datetime) -> None:

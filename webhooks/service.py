@@ -46,7 +46,6 @@ from core import jobs
 from core.errors import BadRequest, Forbidden, Unauthorized
 from core.models import ChannelAccount, utcnow
 from webhooks import repository
-from webhooks.batcher import StatusBatcher
 from webhooks.channels import instagram, messenger, meta, whatsapp
 from webhooks.channels.events import (
     ChannelEvent,
@@ -74,6 +73,7 @@ from webhooks.channels.events import (
     Unhandled,
     triggers_reply,
 )
+from webhooks.directory import Route
 
 log = structlog.get_logger()
 
@@ -136,19 +136,35 @@ def verify_handshake(session: Session, query: meta.Handshake, channel: str = "wh
     return meta.answer_handshake(query, tokens)
 
 
+def signing_app(
+    apps: Sequence[repository.AppSecrets], body: bytes, signature: str | None, channel: str
+) -> repository.AppSecrets | None:
+    """The app whose secret for ``channel`` signed ``body``; None when none did. Raises
+    :class:`Unauthorized` when the signature header is missing or malformed."""
+    try:
+        index = meta.verify_signature(body, signature, [app.secret_for(channel) for app in apps])
+    except meta.SignatureError as exc:
+        if exc.missing:
+            log.warning("webhooks.signature_rejected", channel=channel, reason=exc.reason)
+            raise Unauthorized(exc.reason) from exc
+        return None
+    return apps[index]
+
+
+def reject_signature(channel: str) -> Forbidden:
+    reason = "signature does not match any app secret"
+    log.warning("webhooks.signature_rejected", channel=channel, reason=reason)
+    return Forbidden(reason)
+
+
 def authenticate(
     session: Session, body: bytes, signature: str | None, channel: str = "whatsapp"
 ) -> repository.AppSecrets:
     """The Meta app whose secret for ``channel`` signed ``body`` (401/403 otherwise)."""
-    apps = repository.meta_apps(session)
-    try:
-        index = meta.verify_signature(body, signature, [app.secret_for(channel) for app in apps])
-    except meta.SignatureError as exc:
-        log.warning("webhooks.signature_rejected", channel=channel, reason=exc.reason)
-        if exc.missing:
-            raise Unauthorized(exc.reason) from exc
-        raise Forbidden(exc.reason) from exc
-    return apps[index]
+    app = signing_app(repository.meta_apps(session), body, signature, channel)
+    if app is None:
+        raise reject_signature(channel)
+    return app
 
 
 def decode(body: bytes) -> Any:
@@ -158,23 +174,17 @@ def decode(body: bytes) -> Any:
         raise BadRequest("body is not valid JSON", code="invalid_json") from exc
 
 
+def parse(channel: str, body: bytes) -> list[ChannelEvent]:
+    """The typed events of a verified delivery (400 when the body is not JSON)."""
+    return PARSERS[channel](decode(body))
+
+
 def read_delivery(
     session: Session, channel: str, body: bytes, signature: str | None
 ) -> tuple[repository.AppSecrets, list[ChannelEvent]]:
     """Authenticate and parse one delivery of ``channel`` (no writes)."""
     app = authenticate(session, body, signature, channel)
-    return app, PARSERS[channel](decode(body))
-
-
-def read_whatsapp(
-    session: Session, body: bytes, signature: str | None
-) -> tuple[repository.AppSecrets, list[ChannelEvent]]:
-    return read_delivery(session, "whatsapp", body, signature)
-
-
-def status_only(events: Sequence[ChannelEvent]) -> bool:
-    """A delivery made only of status events may be group-committed (see webhooks.batcher)."""
-    return bool(events) and all(isinstance(e, StatusUpdate) for e in events)
+    return app, parse(channel, body)
 
 
 def signed_statuses(
@@ -184,13 +194,7 @@ def signed_statuses(
 
 
 def intake_whatsapp(session: Session, body: bytes, signature: str | None) -> IntakeResult:
-    app, events = read_whatsapp(session, body, signature)
-    return store_events(session, app, events, channel="whatsapp")
-
-
-def store_whatsapp(
-    session: Session, app: repository.AppSecrets, events: Sequence[ChannelEvent]
-) -> IntakeResult:
+    app, events = read_delivery(session, "whatsapp", body, signature)
     return store_events(session, app, events, channel="whatsapp")
 
 
@@ -201,31 +205,148 @@ def store_events(
     *,
     channel: str,
 ) -> IntakeResult:
-    """Apply every event of one delivery in the caller's transaction (flushes only). An
-    exception from any event propagates: the caller must roll the whole delivery back."""
+    """Apply every event of one delivery in the caller's transaction (flushes only), event by
+    event with uncached routing. An exception from any event propagates: the caller must roll
+    the whole delivery back."""
     intake = _Intake(session, app)
     for event in events:
         intake.apply(event)
     result = intake.result
     if result.statuses:
         repository.apply_statuses(session, signed_statuses(app, events), now=utcnow())
-    log_received(app, result, channel=channel)
     return result
 
 
-def apply_status_batch(
-    batcher: StatusBatcher, app: repository.AppSecrets, events: Sequence[ChannelEvent]
-) -> IntakeResult:
-    """Apply a status-only delivery through the group commit; returns once it is durable."""
-    statuses = signed_statuses(app, events)
-    batcher.apply(statuses)
-    result = IntakeResult(statuses=len(statuses))
-    log_received(app, result, channel="whatsapp")
-    return result
+# --- many deliveries in one transaction ----------------------------------------------------------
 
 
-def log_received(app: repository.AppSecrets, result: IntakeResult, *, channel: str) -> None:
-    log.info("webhooks.received", channel=channel, app_id=app.id, **result.as_json())
+@dataclass(frozen=True)
+class Delivery:
+    """One verified, parsed webhook request."""
+
+    channel: str
+    app: repository.AppSecrets
+    events: list[ChannelEvent]
+
+
+RouteLookup = Callable[[Session, set[tuple[str, str]]], dict[tuple[str, str], Route]]
+
+
+def apply_deliveries(
+    session: Session, deliveries: Sequence[Delivery], routes: RouteLookup
+) -> list[IntakeResult]:
+    """Apply deliveries in arrival order in the caller's transaction; one result each.
+
+    Runs of deliveries made only of inbound messages and statuses whose accounts the signing app
+    owns (the common case) are applied set-wise: a few statements for the whole run
+    (:func:`_apply_run`). Any other delivery is applied event by event (:func:`store_events`)
+    after the run before it, so the order of effects is the order of arrival."""
+    keys = {
+        (e.channel, e.account_id) for d in deliveries for e in d.events if isinstance(e, _INBOUND)
+    }
+    routed = routes(session, keys) if keys else {}
+    results: list[IntakeResult] = []
+    run: list[tuple[Delivery, IntakeResult]] = []
+    for delivery in deliveries:
+        if _set_wise(delivery, routed):
+            result = IntakeResult()
+            run.append((delivery, result))
+        else:
+            _apply_run(session, run, routed)
+            run = []
+            result = store_events(session, delivery.app, delivery.events, channel=delivery.channel)
+        results.append(result)
+    _apply_run(session, run, routed)
+    return results
+
+
+def _set_wise(delivery: Delivery, routed: dict[tuple[str, str], Route]) -> bool:
+    for event in delivery.events:
+        if isinstance(event, StatusUpdate):
+            continue
+        if not isinstance(event, _INBOUND):
+            return False
+        route = routed.get((event.channel, event.account_id))
+        if route is None or route.meta_app_id != delivery.app.id:
+            return False  # the event-wise path records it as unroutable
+    return True
+
+
+def _apply_run(
+    session: Session,
+    run: Sequence[tuple[Delivery, IntakeResult]],
+    routed: dict[tuple[str, str], Route],
+) -> None:
+    if not run:
+        return
+    statuses: list[repository.SignedStatus] = []
+    pending: list[tuple[InboundMessage, Route, IntakeResult]] = []
+    seen: set[tuple[str, str]] = set()
+    for delivery, result in run:
+        for event in delivery.events:
+            if isinstance(event, StatusUpdate):
+                result.statuses += 1
+                statuses.append(repository.SignedStatus(delivery.app.id, event))
+                continue
+            assert isinstance(event, _INBOUND)
+            if (event.channel, event.message_id) in seen:
+                result.duplicates += 1  # the same message earlier in this batch
+                continue
+            seen.add((event.channel, event.message_id))
+            pending.append((event, routed[(event.channel, event.account_id)], result))
+    threads = repository.conversation_ids(
+        session,
+        [
+            repository.ThreadKey(
+                workspace_id=route.workspace_id,
+                bot_id=route.bot_id,
+                account_id=route.id,
+                channel=route.channel,
+                contact=event.contact_id,
+                name=getattr(event, "contact_name", None),
+            )
+            for event, route, _ in pending
+        ],
+    )
+    rows = []
+    for event, route, _ in pending:
+        kind, body = render(event)
+        rows.append(
+            repository.InboundRow(
+                workspace_id=route.workspace_id,
+                conversation_id=threads[(route.id, event.contact_id)],
+                channel=event.channel,
+                kind=kind,
+                provider_message_id=event.message_id,
+                provider_ts=event.timestamp,
+                body=body,
+                content=content_of(event),
+            )
+        )
+    stored = repository.insert_inbound_many(session, rows)
+    work: list[tuple[str, dict[str, Any]]] = []
+    for (event, _, result), row in zip(pending, rows, strict=True):
+        message_id = stored.get((row.channel, row.provider_message_id))
+        if message_id is None:
+            result.duplicates += 1
+            continue
+        result.stored.append(message_id)
+        if row.kind == "media":
+            work.append(("maintenance.fetch_media", {"message_id": message_id}))
+        settled = _settle_kind(event)
+        if settled is None:
+            work.append(("bots.reply", {"message_id": message_id}))
+        else:
+            repository.settle_at_intake(
+                session,
+                inbound_id=message_id,
+                conversation=row.conversation_id,
+                kind=settled[0],
+                detail=settled[1],
+            )
+    jobs.enqueue_many(session, work)
+    if statuses:
+        repository.apply_statuses(session, statuses, now=utcnow())
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -288,6 +409,17 @@ def _not_answered(event: InboundMessage) -> str | None:
     # user sends is handled in order); the pipeline answers them with a localized notice.
     if isinstance(event, InboundStoryMention):
         return "not answered: story mention"
+    return None
+
+
+def _settle_kind(event: InboundMessage) -> tuple[str, str] | None:
+    """``(outcome kind, detail)`` for an inbound message settled at intake; None when it goes to
+    the pipeline (``bots.reply``)."""
+    if getattr(event, "standby", False):
+        return "human_mode", "standby: another app controls the thread"
+    reason = _not_answered(event)
+    if reason is not None or not triggers_reply(event):
+        return "notice", reason or "not answered"
     return None
 
 
@@ -412,25 +544,17 @@ class _Intake:
             # Downloaded in the maintenance lane, through the SSRF-safe fetcher, stored encrypted.
             jobs.enqueue(self.session, "maintenance.fetch_media", message_id=message_id)
         repository.touch_conversation(self.session, conversation, event.timestamp)
-        reason = _not_answered(event)
-        if getattr(event, "standby", False):
-            repository.settle_at_intake(
-                self.session,
-                inbound_id=message_id,
-                conversation=conversation,
-                kind="human_mode",
-                detail="standby: another app controls the thread",
-            )
-        elif reason is not None or not triggers_reply(event):
-            repository.settle_at_intake(
-                self.session,
-                inbound_id=message_id,
-                conversation=conversation,
-                kind="notice",
-                detail=reason or "not answered",
-            )
-        else:
+        settled = _settle_kind(event)
+        if settled is None:
             jobs.enqueue(self.session, "bots.reply", message_id=message_id)
+        else:
+            repository.settle_at_intake(
+                self.session,
+                inbound_id=message_id,
+                conversation=conversation,
+                kind=settled[0],
+                detail=settled[1],
+            )
 
     def _reaction(self, account: ChannelAccount, event: Reaction) -> None:
         _, conversation = self._thread(account, event.contact_id)

@@ -153,7 +153,8 @@ def snapshot(db: Session) -> dict[str, Any]:
         "outcomes": sorted((ids[r.inbound_id][-6:], r.kind, r.detail) for r in outcomes),
         "jobs": sorted((name, ids[p["message_id"]][-6:]) for name, p in jobs),
         "modes": sorted(
-            (m, f) for m, f in db.execute(select(Conversation.mode, Conversation.flagged)).all()
+            ((m, f) for m, f in db.execute(select(Conversation.mode, Conversation.flagged)).all()),
+            key=lambda mf: (mf[0], mf[1] or ""),
         ),
         "unhandled": sorted(db.execute(select(UnhandledEvent.reason)).scalars()),
         "reactions": sorted(

@@ -15,9 +15,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.models import Conversation, Message, OutboundChunk, utcnow
 from tests.support import databases
 from tests.support.factories import WhatsAppBot, create_whatsapp_bot
-from webhooks import repository, simulator
-from webhooks.batcher import StatusBatcher
+from webhooks import repository, service, simulator
+from webhooks.batcher import IntakeBatcher
 from webhooks.channels.events import StatusUpdate
+from webhooks.directory import Directory
 
 
 def _sent_message(db: Session, bot: WhatsAppBot, client: TestClient, wa_id: str, n: int) -> int:
@@ -185,7 +186,7 @@ def test_concurrent_requests_share_one_commit_and_each_waits_for_it(
     with factory() as session:
         bot = create_whatsapp_bot(session)
         session.commit()
-        app_id = repository.meta_apps(session)[-1].id
+        app = repository.meta_apps(session)[-1]
         conversation_id = _seed_conversation(session, bot)
         message_id = _outbound(session, conversation_id, 20)
     commits: list[int] = []
@@ -194,8 +195,8 @@ def test_concurrent_requests_share_one_commit_and_each_waits_for_it(
         commits.append(1)
 
     event.listen(live_engine, "commit", count)
-    batcher = StatusBatcher(factory, max_requests=50, max_wait=0.3)
-    results: list[int] = []
+    batcher = IntakeBatcher(factory, Directory(factory), max_requests=50, max_wait=0.3)
+    results: list[service.IntakeResult] = []
     start = threading.Barrier(20)
 
     def deliver(idx: int) -> None:
@@ -207,7 +208,7 @@ def test_concurrent_requests_share_one_commit_and_each_waits_for_it(
             timestamp=datetime.now(UTC),
         )
         start.wait()
-        results.append(batcher.apply([repository.SignedStatus(app_id, status)]))
+        results.append(batcher.apply(service.Delivery("whatsapp", app, [status])))
 
     threads = [threading.Thread(target=deliver, args=(i,)) for i in range(20)]
     for t in threads:
@@ -219,6 +220,7 @@ def test_concurrent_requests_share_one_commit_and_each_waits_for_it(
     assert stats.requests == 20
     assert stats.batches == len(commits) < 20  # fewer commits than requests
     assert stats.largest > 1
+    assert [r.statuses for r in results] == [1] * 20
     # Each request returned only after its batch committed: everything is visible now.
     with factory() as session:
         delivered = session.execute(
@@ -228,13 +230,15 @@ def test_concurrent_requests_share_one_commit_and_each_waits_for_it(
 
 
 def test_a_failed_batch_fails_every_request_in_it() -> None:
-    batcher = StatusBatcher(sessionmaker(), max_requests=10, max_wait=0.2)
+    unbound = sessionmaker()
+    batcher = IntakeBatcher(unbound, Directory(unbound), max_requests=10, max_wait=0.2)
     status = StatusUpdate("whatsapp", "1", "wamid.X", "read", datetime.now(UTC))
+    app = repository.AppSecrets(1, 1, "secret", "token")
     errors: list[BaseException] = []
 
     def deliver() -> None:
         try:
-            batcher.apply([repository.SignedStatus(1, status)])
+            batcher.apply(service.Delivery("whatsapp", app, [status]))
         except Exception as exc:  # noqa: BLE001  # collected for the assertion below
             errors.append(exc)
 
@@ -245,6 +249,7 @@ def test_a_failed_batch_fails_every_request_in_it() -> None:
         t.join()
     assert len(errors) == 3
     assert batcher.stats().batches == 0
+    assert batcher.stats().retried == 1  # applied again delivery by delivery; each failed
 
 
 def _seed_conversation(session: Session, bot: WhatsAppBot) -> int:
