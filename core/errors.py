@@ -14,6 +14,11 @@ class AppError(Exception):
             self.code = code
 
 
+def error_body(exc: AppError) -> dict[str, str]:
+    """The JSON every error answer carries."""
+    return {"error": exc.code, "detail": exc.message}
+
+
 class BadRequest(AppError):
     status_code = 400
     code = "bad_request"

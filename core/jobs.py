@@ -88,7 +88,13 @@ def send_many(work: Sequence[tuple[str, int]]) -> int:
         with celery_app.producer_or_acquire() as producer, producer.batch():
             for task, job_id in work:
                 celery_app.send_task(
-                    task, kwargs={"job_id": job_id}, retry=False, producer=producer
+                    task,
+                    kwargs={"job_id": job_id},
+                    retry=False,
+                    producer=producer,
+                    # Given, so Celery does not build them with its (slow) safe repr.
+                    argsrepr="()",
+                    kwargsrepr=f"{{'job_id': {job_id}}}",
                 )
                 sent += 1
     except Exception as exc:  # noqa: BLE001  # any broker failure is recovered by the relay
@@ -132,15 +138,16 @@ def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
 install_session_hooks()
 
 
+_COMPLETE = text(
+    "UPDATE outbox SET state = 'done', done_at = :now"
+    " WHERE id = :job_id AND state = 'pending' RETURNING id"
+)
+
+
 def complete(session: Session, job_id: int) -> bool:
     """Mark the job done in the caller's transaction. False if another run already finished it;
     the caller must then roll back so its effects are not applied twice."""
-    done = session.execute(
-        update(OutboxJob)
-        .where(OutboxJob.id == job_id, OutboxJob.state == "pending")
-        .values(state="done", done_at=utcnow())
-        .returning(OutboxJob.id)
-    ).first()
+    done = session.execute(_COMPLETE, {"job_id": job_id, "now": utcnow()}).first()
     return done is not None
 
 
@@ -166,9 +173,30 @@ MAX_COUNTDOWN = 30.0
 # Called as on_dead(session, job_id=…, **payload) in the transaction that dead-letters the job.
 DeadHandler = Callable[..., None]
 
+# Called as prepare(session, job_id=…, **payload) in the transaction that counts the attempt, for
+# the body's first reads and writes (no external work: that comes after the commit). What it
+# returns is the body's first argument; None means the job is finished (it called complete).
+Prepare = Callable[..., Any]
+
 
 def backoff(attempt: int) -> float:
     return float(min(300, 2 ** max(0, attempt - 1)))
+
+
+# Plain statements on the hot path (no ORM bulk machinery for one row).
+_COUNT_ATTEMPT = text(
+    "UPDATE outbox SET attempts = attempts + 1, available_at = :until"
+    " WHERE id = :job_id AND state = 'pending' RETURNING attempts, payload, task"
+)
+_DEAD = text("UPDATE outbox SET state = 'dead', done_at = :now WHERE id = :job_id")
+_DEFERRED = text(
+    "UPDATE outbox SET attempts = attempts - :spent, available_at = :at"
+    " WHERE id = :job_id AND state = 'pending'"
+)
+_FAILED = text(
+    "UPDATE outbox SET attempts = attempts + :uncounted, available_at = :at, last_error = :error"
+    " WHERE id = :job_id AND state = 'pending'"
+)
 
 
 def run_job(
@@ -177,77 +205,122 @@ def run_job(
     *,
     on_dead: DeadHandler | None = None,
     factory: sessionmaker[Session] | None = None,
+    prepare: Prepare | None = None,
 ) -> str:
-    """Run one job body at most once to completion. Returns what happened (for logs and tests)."""
+    """Run one job body at most once to completion. Returns what happened (for logs and tests).
+
+    The attempt is counted in a transaction of its own, or, with ``prepare``, in the one that
+    also does the body's first database work; either way it commits before the body's external
+    work. If that transaction rolls back, nothing of the attempt happened: a deferral spends no
+    attempt, and a failure counts it in the transaction that records the failure."""
     settings = get_settings()
     lease = timedelta(seconds=max(settings.outbox_relay_after, 120.0))
-    with session_scope(factory) as session:
-        row = session.execute(
-            update(OutboxJob)
-            .where(OutboxJob.id == job_id, OutboxJob.state == "pending")
-            .values(attempts=OutboxJob.attempts + 1, available_at=utcnow() + lease)
-            .returning(OutboxJob.attempts, OutboxJob.payload, OutboxJob.task)
-        ).first()
-        if row is None:
-            return "skipped"
-        attempts, payload, task = row
-        if attempts > settings.job_max_attempts:
-            session.execute(
-                update(OutboxJob)
-                .where(OutboxJob.id == job_id)
-                .values(state="dead", done_at=utcnow())
-            )
-            if on_dead is not None:
-                on_dead(session, job_id=job_id, **payload)
-            log.error("jobs.dead", task=task, job_id=job_id, attempts=attempts - 1)
-            return "dead"
+    counted: tuple[int, dict[str, Any], str] | None = None
+    prepared: Any = None
     try:
-        body(job_id=job_id, **payload)
-    except AlreadyDone:
-        return "duplicate"
-    except Defer as defer:
         with session_scope(factory) as session:
-            session.execute(
-                update(OutboxJob)
-                .where(OutboxJob.id == job_id, OutboxJob.state == "pending")
-                .values(
-                    attempts=OutboxJob.attempts - 1,
-                    available_at=utcnow() + timedelta(seconds=defer.seconds),
-                )
-            )
-        if defer.seconds <= MAX_COUNTDOWN:
-            send_now(task, job_id, countdown=defer.seconds)
-        return "deferred"
+            row = session.execute(
+                _COUNT_ATTEMPT, {"job_id": job_id, "until": utcnow() + lease}
+            ).first()
+            if row is None:
+                return "skipped"
+            attempts, payload, task = row
+            if attempts > settings.job_max_attempts:
+                _dead_letter(session, job_id, task, attempts, payload, on_dead)
+                return "dead"
+            if prepare is not None:
+                counted = (attempts, payload, task)
+                prepared = prepare(session, job_id=job_id, **payload)
+                if prepared is None:
+                    return "done"
     except Exception as exc:
-        delay = backoff(attempts)
-        with session_scope(factory) as session:
-            session.execute(
-                update(OutboxJob)
-                .where(OutboxJob.id == job_id, OutboxJob.state == "pending")
-                .values(
-                    available_at=utcnow() + timedelta(seconds=delay),
-                    last_error=f"{type(exc).__name__}: {str(exc)[:200]}",
-                )
-            )
-        log.warning(
-            "jobs.failed",
-            task=task,
-            job_id=job_id,
-            attempt=attempts,
-            retry_in=delay,
-            error=type(exc).__name__,
-        )
-        return "failed"
+        if counted is None:
+            raise
+        # The transaction that counted the attempt rolled back with the prepare step.
+        return _settle_attempt(job_id, counted[2], counted[0], exc, factory, counted=False)
+    try:
+        if prepare is None:
+            body(job_id=job_id, **payload)
+        else:
+            body(prepared, job_id=job_id, **payload)
+    except Exception as exc:
+        return _settle_attempt(job_id, task, attempts, exc, factory, counted=True)
     return "done"
 
 
-def job(name: str, *, on_dead: DeadHandler | None = None) -> Callable[[Callable[..., None]], Any]:
-    """Register ``body(job_id=…, **payload)`` as the Celery task ``name`` run through the outbox."""
+def _dead_letter(
+    session: Session,
+    job_id: int,
+    task: str,
+    attempts: int,
+    payload: dict[str, Any],
+    on_dead: DeadHandler | None,
+) -> None:
+    session.execute(_DEAD, {"job_id": job_id, "now": utcnow()})
+    if on_dead is not None:
+        on_dead(session, job_id=job_id, **payload)
+    log.error("jobs.dead", task=task, job_id=job_id, attempts=attempts - 1)
+
+
+def _settle_attempt(
+    job_id: int,
+    task: str,
+    attempts: int,
+    exc: Exception,
+    factory: sessionmaker[Session] | None,
+    *,
+    counted: bool,
+) -> str:
+    """What a run that raised leaves behind. ``counted``: its attempt is committed (else the
+    transaction that counted it rolled back)."""
+    if isinstance(exc, AlreadyDone):
+        return "duplicate"
+    if isinstance(exc, Defer):
+        # Not an attempt: give back the one counted.
+        with session_scope(factory) as session:
+            session.execute(
+                _DEFERRED,
+                {
+                    "job_id": job_id,
+                    "spent": 1 if counted else 0,
+                    "at": utcnow() + timedelta(seconds=exc.seconds),
+                },
+            )
+        if exc.seconds <= MAX_COUNTDOWN:
+            send_now(task, job_id, countdown=exc.seconds)
+        return "deferred"
+    delay = backoff(attempts)
+    with session_scope(factory) as session:
+        session.execute(
+            _FAILED,
+            {
+                "job_id": job_id,
+                "uncounted": 0 if counted else 1,
+                "at": utcnow() + timedelta(seconds=delay),
+                "error": f"{type(exc).__name__}: {str(exc)[:200]}",
+            },
+        )
+    log.warning(
+        "jobs.failed",
+        task=task,
+        job_id=job_id,
+        attempt=attempts,
+        retry_in=delay,
+        error=type(exc).__name__,
+    )
+    return "failed"
+
+
+def job(
+    name: str, *, on_dead: DeadHandler | None = None, prepare: Prepare | None = None
+) -> Callable[[Callable[..., None]], Any]:
+    """Register ``body(job_id=…, **payload)`` (with ``prepare``: ``body(prepared, job_id=…,
+    **payload)``) as the Celery task ``name`` run through the outbox."""
 
     def register(body: Callable[..., None]) -> Any:
         @celery_app.task(name=name)  # type: ignore[untyped-decorator]  # celery is untyped
         def task(job_id: int) -> str:
-            return run_job(job_id, body, on_dead=on_dead)
+            return run_job(job_id, body, on_dead=on_dead, prepare=prepare)
 
         return task
 

@@ -44,21 +44,18 @@ def create_app(
         app.include_router(sandbox.router)
     _install_errors(app)
     _install_health(app)
+    app.add_middleware(webhook_endpoints.WebhookFastPath)
     return app
 
 
 def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:
-        return JSONResponse({"error": exc.code, "detail": exc.message}, status_code=exc.status_code)
+        return webhook_endpoints.error_response(exc)
 
     @app.exception_handler(DBAPIError)
     async def database_down(_: Request, exc: DBAPIError) -> JSONResponse:
-        # Not committed, so not acknowledged: Meta retries, and dedupe absorbs the retry.
-        log.error("api.database_error", error=type(exc.orig).__name__)
-        return JSONResponse(
-            {"error": "database_unavailable", "detail": "try again later"}, status_code=503
-        )
+        return webhook_endpoints.error_response(webhook_endpoints.database_unavailable(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

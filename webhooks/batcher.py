@@ -170,7 +170,7 @@ class IntakeBatcher:
         try:
             with session_scope(self.factory) as session:
                 results = service.apply_deliveries(
-                    session, [r.delivery for r in batch], self.directory.routes
+                    session, [r.delivery for r in batch], self.directory
                 )
                 doorbells = jobs.take_buffer(session)
         except UNREACHABLE as exc:
@@ -179,7 +179,7 @@ class IntakeBatcher:
                 request.done.set_exception(exc)
             return
         except Exception as exc:  # noqa: BLE001  # isolated below: each delivery on its own
-            self.directory.forget_routes()  # a cached route may be what failed
+            self.directory.forget()  # a cached route or conversation may be what failed
             if len(batch) == 1:
                 log.error("webhooks.delivery_failed", error=type(exc).__name__)
                 batch[0].done.set_exception(exc)

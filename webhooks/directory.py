@@ -12,16 +12,19 @@ Staleness is bounded and safe:
   works on its first webhook;
 - a route that is not cached is read at once; a cached route may be up to ``ttl`` old, so a bot
   change applied with ``parley bots apply`` reaches new conversations within ``ttl`` seconds;
-- a cached route to an account that has since been deleted makes the group commit fail its
-  foreign key; the batch is then applied delivery by delivery without the cache
-  (:mod:`webhooks.batcher`).
+- the conversation of a contact with an account is remembered once known (conversations are
+  created once and only disappear when erased);
+- a cached route or conversation that has since been deleted makes the group commit fail a
+  foreign key; the caches are then dropped and the batch is applied delivery by delivery
+  without them (:mod:`webhooks.batcher`).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -32,6 +35,7 @@ from core.models import ChannelAccount
 from webhooks import repository
 
 FORCED_REFRESH_EVERY = 1.0  # seconds between re-reads forced by unknown signatures
+THREADS_KEPT = 100_000  # conversations remembered (least recently used go first)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Directory:
         self._apps_at: float | None = None
         self._forced_at: float | None = None
         self._routes: dict[tuple[str, str], tuple[Route | None, float]] = {}
+        self._threads: OrderedDict[tuple[int, str], int] = OrderedDict()
 
     # --- Meta apps
 
@@ -121,9 +126,30 @@ class Directory:
             found.update(read)
         return found
 
-    def forget_routes(self) -> None:
+    def forget(self) -> None:
+        """Drop the cached routes and conversations (after a batch failed)."""
         with self._lock:
             self._routes.clear()
+            self._threads.clear()
+
+    # --- conversations
+
+    def conversations(self, keys: Iterable[tuple[int, str]]) -> dict[tuple[int, str], int]:
+        """The remembered conversation ids of ``(account id, contact)`` keys."""
+        found: dict[tuple[int, str], int] = {}
+        with self._lock:
+            for key in keys:
+                conversation = self._threads.get(key)
+                if conversation is not None:
+                    self._threads.move_to_end(key)
+                    found[key] = conversation
+        return found
+
+    def remember(self, conversations: dict[tuple[int, str], int]) -> None:
+        with self._lock:
+            self._threads.update(conversations)
+            while len(self._threads) > THREADS_KEPT:
+                self._threads.popitem(last=False)
 
 
 def _read_routes(session: Session, keys: set[tuple[str, str]]) -> dict[tuple[str, str], Route]:

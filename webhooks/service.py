@@ -73,7 +73,7 @@ from webhooks.channels.events import (
     Unhandled,
     triggers_reply,
 )
-from webhooks.directory import Route
+from webhooks.directory import Directory, Route
 
 log = structlog.get_logger()
 
@@ -229,11 +229,8 @@ class Delivery:
     events: list[ChannelEvent]
 
 
-RouteLookup = Callable[[Session, set[tuple[str, str]]], dict[tuple[str, str], Route]]
-
-
 def apply_deliveries(
-    session: Session, deliveries: Sequence[Delivery], routes: RouteLookup
+    session: Session, deliveries: Sequence[Delivery], directory: Directory
 ) -> list[IntakeResult]:
     """Apply deliveries in arrival order in the caller's transaction; one result each.
 
@@ -244,7 +241,7 @@ def apply_deliveries(
     keys = {
         (e.channel, e.account_id) for d in deliveries for e in d.events if isinstance(e, _INBOUND)
     }
-    routed = routes(session, keys) if keys else {}
+    routed = directory.routes(session, keys) if keys else {}
     results: list[IntakeResult] = []
     run: list[tuple[Delivery, IntakeResult]] = []
     for delivery in deliveries:
@@ -252,11 +249,11 @@ def apply_deliveries(
             result = IntakeResult()
             run.append((delivery, result))
         else:
-            _apply_run(session, run, routed)
+            _apply_run(session, run, routed, directory)
             run = []
             result = store_events(session, delivery.app, delivery.events, channel=delivery.channel)
         results.append(result)
-    _apply_run(session, run, routed)
+    _apply_run(session, run, routed, directory)
     return results
 
 
@@ -276,6 +273,7 @@ def _apply_run(
     session: Session,
     run: Sequence[tuple[Delivery, IntakeResult]],
     routed: dict[tuple[str, str], Route],
+    directory: Directory,
 ) -> None:
     if not run:
         return
@@ -294,20 +292,7 @@ def _apply_run(
                 continue
             seen.add((event.channel, event.message_id))
             pending.append((event, routed[(event.channel, event.account_id)], result))
-    threads = repository.conversation_ids(
-        session,
-        [
-            repository.ThreadKey(
-                workspace_id=route.workspace_id,
-                bot_id=route.bot_id,
-                account_id=route.id,
-                channel=route.channel,
-                contact=event.contact_id,
-                name=getattr(event, "contact_name", None),
-            )
-            for event, route, _ in pending
-        ],
-    )
+    threads = _conversations(session, pending, directory)
     rows = []
     for event, route, _ in pending:
         kind, body = render(event)
@@ -410,6 +395,34 @@ def _not_answered(event: InboundMessage) -> str | None:
     if isinstance(event, InboundStoryMention):
         return "not answered: story mention"
     return None
+
+
+def _conversations(
+    session: Session,
+    pending: Sequence[tuple[InboundMessage, Route, IntakeResult]],
+    directory: Directory,
+) -> dict[tuple[int, str], int]:
+    """``(account id, contact) -> conversation id`` for the run: remembered ones from the
+    directory, the others read or created in one statement."""
+    wanted = {(route.id, event.contact_id) for event, route, _ in pending}
+    known = directory.conversations(wanted)
+    new = [
+        repository.ThreadKey(
+            workspace_id=route.workspace_id,
+            bot_id=route.bot_id,
+            account_id=route.id,
+            channel=route.channel,
+            contact=event.contact_id,
+            name=getattr(event, "contact_name", None),
+        )
+        for event, route, _ in pending
+        if (route.id, event.contact_id) not in known
+    ]
+    if new:
+        found = repository.conversation_ids(session, new)
+        directory.remember(found)
+        known.update(found)
+    return known
 
 
 def _settle_kind(event: InboundMessage) -> tuple[str, str] | None:

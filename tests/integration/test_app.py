@@ -118,3 +118,26 @@ def test_sandbox_is_absent_in_production(services: Settings, factory: object) ->
     prod = services.model_copy(update={"sandbox": False})
     with TestClient(create_app(prod, factory)) as c:  # type: ignore[arg-type]
         assert c.get("/sandbox/sent").status_code == 404
+
+
+@pytest.mark.parametrize("channel", ["whatsapp", "messenger", "instagram"])
+def test_a_webhook_while_postgres_is_unreachable_is_503_and_not_acknowledged(
+    services: Settings, channel: str
+) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    from parley.app import create_app
+    from webhooks import simulator
+
+    engine = create_engine(
+        "postgresql+psycopg://postgres@127.0.0.1:1/none", connect_args={"connect_timeout": 1}
+    )
+    body, headers = simulator.signed({"object": "page", "entry": []}, "secret")
+    try:
+        with TestClient(create_app(services, sessionmaker(bind=engine))) as c:
+            r = c.post(f"/webhooks/{channel}", content=body, headers=headers)
+    finally:
+        engine.dispose()
+    assert r.status_code == 503
+    assert r.json() == {"error": "database_unavailable", "detail": "try again later"}

@@ -98,7 +98,7 @@ def test_one_batch_stores_what_each_delivery_alone_stores(
     directory = Directory(factory)
 
     def batched(session: Session) -> list[service.IntakeResult]:
-        return service.apply_deliveries(session, deliveries, directory.routes)
+        return service.apply_deliveries(session, deliveries, directory)
 
     def alone(session: Session) -> list[service.IntakeResult]:
         return [
@@ -154,7 +154,7 @@ def test_a_batch_of_only_messages_and_statuses_is_a_few_statements(
         directory.routes(session, {("whatsapp", bot.accounts["whatsapp"])})  # warm the cache
         event.listen(connection, "before_cursor_execute", count)
         try:
-            results = service.apply_deliveries(session, deliveries, directory.routes)
+            results = service.apply_deliveries(session, deliveries, directory)
         finally:
             event.remove(connection, "before_cursor_execute", count)
         session.commit()
@@ -163,6 +163,25 @@ def test_a_batch_of_only_messages_and_statuses_is_a_few_statements(
     # Threads, messages (+ windows), outbox, statuses: not one statement per message.
     writes = [s for s in statements if not s.lstrip().upper().startswith(("SAVEPOINT", "RELEASE"))]
     assert len(writes) <= 5, writes
+    # The same contacts again: their conversations are remembered, so no thread statement.
+    again = [
+        _delivery(
+            db,
+            "whatsapp",
+            _text(bot, f"155504100{i:02d}", f"wamid.T{i}", t0 + timedelta(seconds=60), "again"),
+        )
+        for i in range(30)
+    ]
+    statements.clear()
+    with factory() as session:
+        event.listen(connection, "before_cursor_execute", count)
+        try:
+            results = service.apply_deliveries(session, again, directory)
+        finally:
+            event.remove(connection, "before_cursor_execute", count)
+        session.commit()
+    assert [len(r.stored) for r in results] == [1] * 30
+    assert not [s for s in statements if "INTO contacts" in s], statements
 
 
 @pytest.mark.parametrize("ttl", [0.0, 60.0])
@@ -262,3 +281,34 @@ def test_a_request_withdrawn_before_its_batch_starts_is_not_applied(
         select(Message.provider_message_id).where(Message.provider_message_id.like("wamid.K%"))
     ).scalars()
     assert list(stored) == ["wamid.K1"]
+
+
+def test_a_remembered_conversation_that_was_erased_is_created_again(
+    factory: sessionmaker[Session], db: Session, bot: Any
+) -> None:
+    from sqlalchemy import delete
+
+    from webhooks.batcher import IntakeBatcher
+
+    t0 = datetime.now(UTC).replace(microsecond=0)
+    directory = Directory(factory)
+    batcher = IntakeBatcher(factory, directory, max_requests=10, max_wait=0.5)
+    first = _delivery(db, "whatsapp", _text(bot, "15550440001", "wamid.E1", t0, "hello"))
+    assert len(batcher.apply(first).stored) == 1
+    # The contact asks to be erased: contact, conversation and messages go.
+    db.execute(delete(Contact).where(Contact.external_id == "15550440001"))
+    db.commit()
+    later = [
+        _delivery(db, "whatsapp", _text(bot, "15550440001", "wamid.E2", t0, "back again")),
+        _delivery(db, "whatsapp", _text(bot, "15550440002", "wamid.E3", t0, "someone else")),
+    ]
+    futures = [batcher.submit(d) for d in later]
+    assert [len(f.result(timeout=10).stored) for f in futures] == [1, 1]
+    assert batcher.stats().retried == 1  # the stale conversation failed the batch once
+    stored = db.execute(
+        select(Message.provider_message_id, Message.conversation_id)
+        .where(Message.provider_message_id.in_(["wamid.E2", "wamid.E3"]))
+        .order_by(Message.id)
+    ).all()
+    assert [m for m, _ in stored] == ["wamid.E2", "wamid.E3"]
+    assert db.get(Conversation, stored[0][1]) is not None
