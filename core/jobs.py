@@ -58,14 +58,18 @@ def enqueue_many(session: Session, work: Sequence[tuple[str, dict[str, Any]]]) -
     """:func:`enqueue` for many jobs in one statement (the group-committed intake)."""
     if not work:
         return []
-    rows = session.execute(
-        _ENQUEUE_MANY,
-        {
-            "tasks": [task for task, _ in work],
-            "payloads": [json.dumps(payload) for _, payload in work],
-            "now": utcnow(),
-        },
-    ).all()
+    rows = (
+        session.connection()
+        .execute(
+            _ENQUEUE_MANY,
+            {
+                "tasks": [task for task, _ in work],
+                "payloads": [json.dumps(payload) for _, payload in work],
+                "now": utcnow(),
+            },
+        )
+        .all()
+    )
     session.info.setdefault(_BUFFER_KEY, []).extend((r.task, r.id) for r in rows)
     return [r.id for r in rows]
 

@@ -52,6 +52,9 @@ def api(
     _logging()
     settings = get_settings()
     configure_celery(settings)
+    # The event loop hands each webhook to the intake's writer thread and back: with Python's
+    # default 5 ms GIL switch interval every hand-off can wait that long under load.
+    sys.setswitchinterval(0.0005)
     uvicorn.run(
         create_app(settings),
         host=host or settings.api_host,

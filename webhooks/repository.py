@@ -230,17 +230,21 @@ def conversation_ids(session: Session, keys: Sequence[ThreadKey]) -> dict[tuple[
     if not keys:
         return {}
     keyring = get_keyring()
-    rows = session.execute(
-        _THREADS,
-        {
-            "workspaces": [k.workspace_id for k in keys],
-            "bots": [k.bot_id for k in keys],
-            "accounts": [k.account_id for k in keys],
-            "channels": [k.channel for k in keys],
-            "externals": [k.contact for k in keys],
-            "names": [None if k.name is None else keyring.encrypt(k.name) for k in keys],
-        },
-    ).all()
+    rows = (
+        session.connection()
+        .execute(
+            _THREADS,
+            {
+                "workspaces": [k.workspace_id for k in keys],
+                "bots": [k.bot_id for k in keys],
+                "accounts": [k.account_id for k in keys],
+                "channels": [k.channel for k in keys],
+                "externals": [k.contact for k in keys],
+                "names": [None if k.name is None else keyring.encrypt(k.name) for k in keys],
+            },
+        )
+        .all()
+    )
     found = {(r.account_id, r.external_id): r.conversation_id for r in rows}
     for k in keys:
         if (k.account_id, k.contact) in found:
@@ -328,19 +332,25 @@ def insert_inbound_many(session: Session, rows: Sequence[InboundRow]) -> dict[tu
     if not rows:
         return {}
     keyring = get_keyring()
-    stored = session.execute(
-        _INSERT_INBOUND,
-        {
-            "workspaces": [r.workspace_id for r in rows],
-            "conversations": [r.conversation_id for r in rows],
-            "channels": [r.channel for r in rows],
-            "kinds": [r.kind for r in rows],
-            "ids": [r.provider_message_id for r in rows],
-            "times": [r.provider_ts for r in rows],
-            "bodies": [None if r.body is None else keyring.encrypt(r.body) for r in rows],
-            "contents": [None if r.content is None else keyring.encrypt(r.content) for r in rows],
-        },
-    ).all()
+    stored = (
+        session.connection()
+        .execute(
+            _INSERT_INBOUND,
+            {
+                "workspaces": [r.workspace_id for r in rows],
+                "conversations": [r.conversation_id for r in rows],
+                "channels": [r.channel for r in rows],
+                "kinds": [r.kind for r in rows],
+                "ids": [r.provider_message_id for r in rows],
+                "times": [r.provider_ts for r in rows],
+                "bodies": [None if r.body is None else keyring.encrypt(r.body) for r in rows],
+                "contents": [
+                    None if r.content is None else keyring.encrypt(r.content) for r in rows
+                ],
+            },
+        )
+        .all()
+    )
     return {(r.channel, r.provider_message_id): r.id for r in stored}
 
 
@@ -1230,19 +1240,23 @@ def apply_statuses(session: Session, statuses: Sequence[SignedStatus], *, now: d
     if not reduced:
         return 0
     keys = list(reduced)
-    rows = session.execute(
-        _APPLY_STATUSES,
-        {
-            "app_ids": [k[0] for k in keys],
-            "channels": [k[1] for k in keys],
-            "accounts": [k[2] for k in keys],
-            "wamids": [k[3] for k in keys],
-            "callbacks": [k[4] for k in keys],
-            "ranks": [reduced[k][0] for k in keys],
-            "failed": [reduced[k][1] for k in keys],
-            "codes": [reduced[k][2] for k in keys],
-            "now": now,
-        },
-    ).all()
+    rows = (
+        session.connection()
+        .execute(
+            _APPLY_STATUSES,
+            {
+                "app_ids": [k[0] for k in keys],
+                "channels": [k[1] for k in keys],
+                "accounts": [k[2] for k in keys],
+                "wamids": [k[3] for k in keys],
+                "callbacks": [k[4] for k in keys],
+                "ranks": [reduced[k][0] for k in keys],
+                "failed": [reduced[k][1] for k in keys],
+                "codes": [reduced[k][2] for k in keys],
+                "now": now,
+            },
+        )
+        .all()
+    )
     refresh_message_status(session, [r.message_id for r in rows if r.state in ("sent", "failed")])
     return len(rows)
