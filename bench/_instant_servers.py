@@ -71,6 +71,9 @@ class Recorder:
 def make_handler(recorder: Recorder, role: str) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Answer at once: without TCP_NODELAY the body, written after the headers, can wait for
+        # the client's delayed ACK (about 40 ms on Linux), time that is not the platform's.
+        disable_nagle_algorithm = True
 
         def _send(self, status: int, payload: Any) -> None:
             data = json.dumps(payload).encode()

@@ -7,7 +7,11 @@ burst window is answered once, with all of it in the prompt. Each turn:
 
 policy (blocked, opt-out/opt-in, "talk to a human", human mode, limits, 24-hour window)
 → screen in (PII → placeholders) → memory → model → screen out → ONE transaction: the reply,
-an outcome row for every message it answers, and the send job.
+an outcome row for every message it answers, and the send job (and, when no message of the
+conversation is left pending, the lease's release and the job's completion).
+
+Transactions of a message answered at once: the attempt count (``core.jobs``); the first turn
+up to the model (the lease is taken here, with the reads and the screening); the reply.
 
 Invariants: every inbound message ends with exactly one ``outcomes`` row (primary key
 ``inbound_id``); no transaction is open while the model runs; a write made under the lease
@@ -109,34 +113,75 @@ def _mark_dead(session: Session, *, job_id: int, message_id: int, **_: Any) -> N
     session.execute(update(Message).where(Message.id == message_id).values(status="dead"))
 
 
+@dataclass
+class Run:
+    """One run of a ``bots.reply`` job. ``holds_lease`` is true while the conversation's lease
+    is committed to this run, so that leaving early (an error, a deferral) gives it back.
+    ``done_elsewhere``: the transaction that ended the run found the job already finished by
+    another run (its own writes, made under the lease, still commit)."""
+
+    job_id: int
+    message_id: int
+    holder: str
+    conversation_id: int | None = None
+    holds_lease: bool = False
+    done_elsewhere: bool = False
+
+    def ended(self) -> bool:
+        """After the commit of the transaction that ended the run."""
+        self.holds_lease = False
+        if self.done_elsewhere:
+            raise jobs.AlreadyDone
+        return True
+
+
 @jobs.job("bots.reply", on_dead=_mark_dead)
 def reply(*, job_id: int, message_id: int) -> None:
-    with session_scope() as session:
-        found = repository.message_conversation(session, message_id)
-        if found is None or found[1]:
-            if not jobs.complete(session, job_id):
-                raise jobs.AlreadyDone
-            return
-        conversation_id = found[0]
-        holder = f"{job_id}-{uuid.uuid4().hex[:12]}"
-        if not lease.acquire(session, conversation_id, holder, lease_seconds()):
-            # The holder answers every pending message before it lets go; the jobs of a busy
-            # conversation only need to look again, spread out so they do not poll in step.
-            raise jobs.Defer(1.0 + random.random() * 2, "conversation busy")  # noqa: S311  # jitter
+    run = Run(job_id, message_id, holder=f"{job_id}-{uuid.uuid4().hex[:12]}")
     try:
-        while _turn(conversation_id, holder):
+        while not _turn(run):
             pass
     except LeaseLost as exc:
         raise jobs.Defer(1.0, "lease lost") from exc
     finally:
-        with session_scope() as session:
-            lease.release(session, conversation_id, holder)
-    with session_scope() as session:
-        found = repository.message_conversation(session, message_id)
-        if found is not None and not found[1]:
-            raise jobs.Defer(0.5, "message still pending")
-        if not jobs.complete(session, job_id):
-            raise jobs.AlreadyDone
+        if run.holds_lease and run.conversation_id is not None:
+            with session_scope() as session:
+                lease.release(session, run.conversation_id, run.holder)
+
+
+def _take(session: Session, run: Run) -> bool:
+    """The first step of a run, in the transaction of its first turn: take the lease of the
+    job's conversation. False when the message already has its outcome (the job is then marked
+    done in this transaction)."""
+    taken = lease.acquire_for_message(session, run.message_id, run.holder, lease_seconds())
+    if taken is None:
+        found = repository.message_conversation(session, run.message_id)
+        if found is None or found[1]:
+            _complete(session, run)
+            return False
+        # The holder answers every pending message before it lets go; the jobs of a busy
+        # conversation only need to look again, spread out so they do not poll in step.
+        raise jobs.Defer(1.0 + random.random() * 2, "conversation busy")  # noqa: S311  # jitter
+    run.conversation_id = taken
+    return True
+
+
+def _complete(session: Session, run: Run) -> None:
+    run.done_elsewhere = not jobs.complete(session, run.job_id)
+
+
+def _end_turn(session: Session, run: Run) -> bool:
+    """Close a turn that wrote under the lease, in its transaction: re-check the lease (rolling
+    the turn back when another worker has the conversation now) and, when no message of the
+    conversation is left without an outcome, release it and mark the job done (the job's own
+    message is one of them). True when that ended the run; False: another turn is needed."""
+    assert run.conversation_id is not None
+    held, released = lease.end_turn(session, run.conversation_id, run.holder)
+    if not held:
+        raise LeaseLost
+    if released:
+        _complete(session, run)
+    return released
 
 
 # --- one turn -----------------------------------------------------------------------------------
@@ -165,32 +210,53 @@ class Draft:
     images: tuple[dict[str, Any], ...] = ()
 
 
-def _turn(conversation_id: int, holder: str) -> bool:
-    """Handle the oldest pending message(s) of the conversation. False when none is pending."""
-    now = utcnow()
+def _turn(run: Run) -> bool:
+    """Handle the oldest pending message(s) of the conversation. True when the run is over."""
     with session_scope() as session:
-        ctx = repository.conversation_context(session, conversation_id)
-        pending = repository.pending_inbound(session, conversation_id)
-        if not pending:
-            return False
-        policy = policy_of(ctx.bot.extra)
+        step = _look(session, run, utcnow())
+    if step is True:
+        return run.ended()
+    # Committed: the lease is this run's until a turn ends the run (and releases it).
+    run.holds_lease = True
+    if isinstance(step, Draft):
+        return _answer(step, run)
+    return False
+
+
+def _look(session: Session, run: Run, now: datetime) -> Draft | bool:
+    """One turn up to the model: settle what the rules settle, or return the draft to ask the
+    model about. True when the run is over, False when another turn is needed."""
+    if run.conversation_id is None and not _take(session, run):
+        return True
+    assert run.conversation_id is not None
+    ctx = repository.turn_context(
+        session,
+        run.conversation_id,
+        messages_since=now - timedelta(minutes=1),
+        tokens_since=_day_start(now),
+    )
+    pending = repository.pending_inbound(session, run.conversation_id)
+    if not pending:
+        lease.release(session, run.conversation_id, run.holder)
+        _complete(session, run)
+        return True
+    policy = policy_of(ctx.bot.extra)
+    if policy.burst_window_seconds > 0:
         newest_arrival = max(m.created_at for m in pending)
         wait = policy.burst_window_seconds - (now - newest_arrival).total_seconds()
         if wait > 0:
             raise jobs.Defer(wait, "burst window open")
-        _screen(session, pending, ctx.contact)
-        if _apply_policy(session, ctx.conversation, ctx.contact, pending, policy, now):
-            _check_lease(session, conversation_id, holder)
-            return True
-        pending, images = _notice_unanswerable(session, ctx, pending, policy)
-        if not pending:
-            _check_lease(session, conversation_id, holder)
-            return True
-        draft = _draft(session, ctx, pending, policy, images)
-        # Best effort, on the send lane: mark the message read and show "typing…" while the
-        # model works (never retried more than once, never holds up the reply).
-        jobs.enqueue(session, "webhooks.send_typing", message_id=draft.batch[-1])
-    return _answer(draft, holder)
+    _screen(session, pending, ctx.contact)
+    if _apply_policy(session, ctx, pending, policy, now):
+        return _end_turn(session, run)
+    pending, images = _notice_unanswerable(session, ctx, pending, policy)
+    if not pending:
+        return _end_turn(session, run)
+    draft = _draft(session, ctx, pending, policy, images)
+    # Best effort, on the send lane: mark the message read and show "typing…" while the
+    # model works (never retried more than once, never holds up the reply).
+    jobs.enqueue(session, "webhooks.send_typing", message_id=draft.batch[-1])
+    return draft
 
 
 def _screen(session: Session, pending: Sequence[Message], contact: Contact) -> None:
@@ -213,38 +279,20 @@ def _check_lease(session: Session, conversation_id: int, holder: str) -> None:
 def _settle(
     session: Session,
     conversation_id: int,
-    batch: Sequence[Message],
+    batch: Sequence[Message] | Sequence[int],
     kind: str,
     *,
     reply_id: int | None = None,
     detail: str | None = None,
 ) -> None:
-    """One outcome per message of the batch, or nothing (the caller's transaction rolls back)."""
-    ids = [m.id for m in batch]
-    written = (
-        session.execute(
-            insert(Outcome)
-            .values(
-                [
-                    {
-                        "inbound_id": i,
-                        "conversation_id": conversation_id,
-                        "kind": kind,
-                        "reply_id": reply_id,
-                        "detail": detail,
-                    }
-                    for i in ids
-                ]
-            )
-            .on_conflict_do_nothing()
-            .returning(Outcome.inbound_id)
-        )
-        .scalars()
-        .all()
+    """One outcome per message of the batch, or nothing (the caller's transaction rolls back).
+    A message that no longer exists needs none."""
+    ids = [m if isinstance(m, int) else m.id for m in batch]
+    found, written = repository.settle(
+        session, conversation_id, ids, kind, reply_id=reply_id, detail=detail
     )
-    if len(written) != len(ids):
+    if written != found:
         raise LeaseLost  # another run settled some of them: roll back and look again
-    session.execute(update(Message).where(Message.id.in_(ids)).values(status=kind))
 
 
 def _notice(
@@ -285,15 +333,19 @@ def _notice(
     return message.id
 
 
+def _day_start(now: datetime) -> datetime:
+    return now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 def _apply_policy(
     session: Session,
-    conversation: Conversation,
-    contact: Contact,
+    ctx: repository.TurnContext,
     pending: list[Message],
     policy: Policy,
     now: datetime,
 ) -> bool:
     """Settle the batch without the model when a rule says so; True when it did."""
+    conversation, contact = ctx.conversation, ctx.contact
     channel = pending[0].channel
     lang = contact.language
     first = pending[0]
@@ -356,7 +408,7 @@ def _apply_policy(
         else:
             _settle(session, conversation.id, pending, "human_mode", detail=conversation.mode)
             return True
-    if _over_limits(session, conversation, contact, pending, policy, now):
+    if _over_limits(session, ctx, pending, policy, now):
         return True
     newest = max(m.provider_ts or m.created_at for m in pending)
     if now - newest > timedelta(hours=policy.window_hours):
@@ -475,18 +527,19 @@ def vision_available() -> bool:
 
 def _over_limits(
     session: Session,
-    conversation: Conversation,
-    contact: Contact,
+    ctx: repository.TurnContext,
     pending: list[Message],
     policy: Policy,
     now: datetime,
 ) -> bool:
+    """The contact's limits, counted by the turn's context query (inbound messages in the last
+    minute, tokens since the day began)."""
+    conversation, contact = ctx.conversation, ctx.contact
     limits = policy.limits
-    per_minute = repository.inbound_count_since(session, contact.id, now - timedelta(minutes=1))
-    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    if per_minute > limits.messages_per_minute:
+    day = _day_start(now)
+    if ctx.recent_inbound > limits.messages_per_minute:
         episode, detail = f"rate:{now:%Y%m%d%H}", "messages per minute"
-    elif repository.tokens_since(session, contact.id, day) >= limits.tokens_per_day:
+    elif ctx.recent_tokens >= limits.tokens_per_day:
         episode, detail = f"tokens:{now:%Y%m%d}", "tokens per day"
     else:
         return False
@@ -509,7 +562,7 @@ def _over_limits(
 
 def _draft(
     session: Session,
-    ctx: repository.ConversationContext,
+    ctx: repository.TurnContext,
     pending: list[Message],
     policy: Policy,
     images: list[dict[str, Any]] | None = None,
@@ -540,7 +593,7 @@ def _draft(
         fallback=bot.fallback_reply,
         user_text="\n".join(m.body or "" for m in pending),
         policy=policy,
-        first_reply=not repository.has_bot_reply(session, ctx.conversation.id),
+        first_reply=policy.disclose_ai and not ctx.has_bot_reply,
         images=tuple(images or ()),
     )
 
@@ -581,11 +634,12 @@ def _ask_model(draft: Draft) -> tuple[str, list[str], int, memory.Prompt]:
     return result.text, [], tokens, prompt
 
 
-def _answer(draft: Draft, holder: str) -> bool:
+def _answer(draft: Draft, run: Run) -> bool:
+    """Ask the model, screen its draft and store the reply; True when that ended the run."""
     try:
         text, reasons, tokens, prompt = _ask_model(draft)
     except (Unavailable, Timeout) as exc:
-        _model_down(draft, holder, exc)
+        _model_down(draft, run, exc)
         raise AssertionError("unreachable") from exc  # _model_down always raises
     verdict = screen_outbound(
         text, canary=draft.canary, user_text=draft.user_text, system_prompt=draft.system_prompt
@@ -593,63 +647,82 @@ def _answer(draft: Draft, holder: str) -> bool:
     reasons = [*reasons, *verdict.reasons]
     allowed = verdict.allowed
     body = verdict.text if allowed else draft.fallback
+    redacted = screen_inbound(body).redacted
     with session_scope() as session:
-        _check_lease(session, draft.conversation_id, holder)
-        conversation = session.get(Conversation, draft.conversation_id)
-        assert conversation is not None
-        pending = [session.get(Message, i) for i in draft.batch]
-        batch = [m for m in pending if m is not None]
-        if utcnow() - draft.newest_ts > timedelta(hours=draft.policy.window_hours):
-            _settle(session, draft.conversation_id, batch, "window_expired")
-            return True
-        if draft.first_reply and draft.policy.disclose_ai:
-            _notice(
-                session,
-                conversation,
-                "disclosure",
-                "first",
-                draft.policy.notice("disclosure", draft.language),
-                channel=draft.channel,
-            )
-        out = Message(
-            workspace_id=draft.workspace_id,
-            conversation_id=draft.conversation_id,
-            direction="out",
-            channel=draft.channel,
-            kind="text",
+        reply_id = _store_reply(
+            session,
+            draft,
             body=body,
-            body_redacted=screen_inbound(body).redacted,
-            status="pending",
-            reply_to_id=draft.batch[-1],
-            prompt_message_ids=prompt.message_ids,
+            redacted=redacted,
+            prompt=prompt,
             verdict={
                 "reasons": reasons,
                 "action": "send" if allowed else "fallback",
                 "tokens": tokens,
             },
-            attempts=0,
         )
-        session.add(out)
-        session.flush()
-        _settle(session, draft.conversation_id, batch, "replied", reply_id=out.id)
-        jobs.enqueue(session, "webhooks.send", message_id=out.id)
-    log.info(
-        "pipeline.replied",
+        done = _end_turn(session, run)
+    if reply_id is not None:
+        log.info(
+            "pipeline.replied",
+            conversation_id=draft.conversation_id,
+            reply_id=reply_id,
+            answers=len(draft.batch),
+            action="send" if allowed else "fallback",
+            reasons=reasons,
+        )
+    return run.ended() if done else False
+
+
+def _store_reply(
+    session: Session,
+    draft: Draft,
+    *,
+    body: str,
+    redacted: str,
+    prompt: memory.Prompt,
+    verdict: dict[str, Any],
+) -> int | None:
+    """The reply, its outcomes and its send job (the caller re-checks the lease before its
+    transaction commits). None: the window closed while the model worked, and the batch is
+    settled as ``window_expired``."""
+    if utcnow() - draft.newest_ts > timedelta(hours=draft.policy.window_hours):
+        _settle(session, draft.conversation_id, draft.batch, "window_expired")
+        return None
+    if draft.first_reply and draft.policy.disclose_ai:
+        conversation = session.get(Conversation, draft.conversation_id)
+        assert conversation is not None
+        _notice(
+            session,
+            conversation,
+            "disclosure",
+            "first",
+            draft.policy.notice("disclosure", draft.language),
+            channel=draft.channel,
+        )
+    reply_id, found, written = repository.store_reply(
+        session,
+        workspace_id=draft.workspace_id,
         conversation_id=draft.conversation_id,
-        reply_id=out.id,
-        answers=len(draft.batch),
-        action="send" if allowed else "fallback",
-        reasons=reasons,
+        channel=draft.channel,
+        body=body,
+        body_redacted=redacted,
+        answers=draft.batch,
+        prompt_message_ids=prompt.message_ids,
+        verdict=verdict,
     )
-    return True
+    if written != found:
+        raise LeaseLost  # another run settled some of them: roll back and look again
+    jobs.enqueue(session, "webhooks.send", message_id=reply_id)
+    return reply_id
 
 
-def _model_down(draft: Draft, holder: str, exc: Exception) -> None:
+def _model_down(draft: Draft, run: Run, exc: Exception) -> None:
     """Messages wait for the model; after a while the user gets one holding notice."""
     waited = (utcnow() - draft.oldest_created).total_seconds()
     if waited >= draft.policy.holding_after_seconds:
         with session_scope() as session:
-            _check_lease(session, draft.conversation_id, holder)
+            _check_lease(session, draft.conversation_id, run.holder)
             conversation = session.get(Conversation, draft.conversation_id)
             assert conversation is not None
             _notice(

@@ -7,8 +7,9 @@ the job id as its only argument. If sending fails (Redis down), the commit still
 
 A task body registered with :func:`job` runs through :func:`run_job`, which counts the attempt in
 Postgres *before* the work (so a message that kills its worker cannot loop forever), skips jobs that
-are already done, and dead-letters a job after ``PARLEY_JOB_MAX_ATTEMPTS`` attempts. The body marks
-its job done with :func:`complete` in the same transaction as its effects.
+are already done, and dead-letters a job after ``PARLEY_JOB_MAX_ATTEMPTS`` attempts. A job's
+optional ``prepare`` step shares the transaction that counts the attempt. The body marks its job
+done with :func:`complete` in the same transaction as its effects.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, exists, func, select, text, update
+from sqlalchemy import bindparam, delete, exists, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
@@ -836,32 +836,71 @@ class Chunk:
 _answered = aliased(Message)
 
 
+# The send lane's per-chunk statements are built once (bound parameters), so a send does not
+# pay for building and hashing them again.
+_OUTBOUND = (
+    select(
+        Message.id.label("message_id"),
+        Message.status,
+        Message.kind,
+        Message.body,
+        Message.workspace_id,
+        Message.conversation_id,
+        ChannelAccount.channel,
+        ChannelAccount.id.label("account_id"),
+        ChannelAccount.external_id.label("account"),
+        ChannelAccount.status.label("account_status"),
+        ChannelAccount.access_token,
+        Contact.external_id.label("recipient"),
+        Conversation.last_inbound_at,
+        Message.reply_to_id,
+        _answered.provider_message_id.label("reply_to_provider_id"),
+    )
+    .join(Conversation, Conversation.id == Message.conversation_id)
+    .join(ChannelAccount, ChannelAccount.id == Conversation.channel_account_id)
+    .join(Contact, Contact.id == Conversation.contact_id)
+    .outerjoin(_answered, _answered.id == Message.reply_to_id)
+    .where(Message.id == bindparam("message_id"), Message.direction == "out")
+)
+
+
 def outbound(session: Session, message_id: int) -> Outbound | None:
-    row = session.execute(
-        select(
-            Message.id.label("message_id"),
-            Message.status,
-            Message.kind,
-            Message.body,
-            Message.workspace_id,
-            Message.conversation_id,
-            ChannelAccount.channel,
-            ChannelAccount.id.label("account_id"),
-            ChannelAccount.external_id.label("account"),
-            ChannelAccount.status.label("account_status"),
-            ChannelAccount.access_token,
-            Contact.external_id.label("recipient"),
-            Conversation.last_inbound_at,
-            Message.reply_to_id,
-            _answered.provider_message_id.label("reply_to_provider_id"),
-        )
-        .join(Conversation, Conversation.id == Message.conversation_id)
-        .join(ChannelAccount, ChannelAccount.id == Conversation.channel_account_id)
-        .join(Contact, Contact.id == Conversation.contact_id)
-        .outerjoin(_answered, _answered.id == Message.reply_to_id)
-        .where(Message.id == message_id, Message.direction == "out")
-    ).first()
+    row = session.execute(_OUTBOUND, {"message_id": message_id}).first()
     return None if row is None else Outbound(**row._mapping)
+
+
+@dataclass(frozen=True)
+class ToSend:
+    """:func:`outbound` with what the send job's first transaction needs to know besides."""
+
+    message: Outbound
+    earlier_unfinished: bool  # see earlier_unfinished()
+    has_chunks: bool  # the message was cut into chunks by an earlier run
+
+
+_earlier = aliased(Message)
+_OUTBOUND_TO_SEND = _OUTBOUND.add_columns(
+    exists()
+    .where(
+        _earlier.conversation_id == Message.conversation_id,
+        _earlier.direction == "out",
+        _earlier.id < Message.id,
+        _earlier.status.in_(["pending", "sending"]),
+    )
+    .label("earlier_unfinished"),
+    exists().where(OutboundChunk.message_id == Message.id).label("has_chunks"),
+)
+
+
+def outbound_to_send(session: Session, message_id: int) -> ToSend | None:
+    """:func:`outbound`, :func:`earlier_unfinished` and whether it has chunks, in one round
+    trip."""
+    row = session.execute(_OUTBOUND_TO_SEND, {"message_id": message_id}).first()
+    if row is None:
+        return None
+    values = dict(row._mapping)
+    earlier, has_chunks = values.pop("earlier_unfinished"), values.pop("has_chunks")
+    return ToSend(Outbound(**values), bool(earlier), bool(has_chunks))
 
 
 def account_status(session: Session, account_id: int) -> str:
@@ -870,30 +909,31 @@ def account_status(session: Session, account_id: int) -> str:
     ).scalar_one()
 
 
-def create_chunks(session: Session, message: Outbound, parts: Sequence[str]) -> None:
-    """One row per part; idempotent (a second run inserts nothing)."""
-    session.execute(
-        insert(OutboundChunk)
-        .values(
-            [
-                {
-                    "workspace_id": message.workspace_id,
-                    "conversation_id": message.conversation_id,
-                    "message_id": message.message_id,
-                    "channel": message.channel,
-                    "idx": idx,
-                    "total": len(parts),
-                    "body": part,
-                    "idempotency_key": f"{message.message_id}:{idx}",
-                    "state": "pending",
-                    "attempts": 0,
-                    "resent": False,
-                }
-                for idx, part in enumerate(parts)
-            ]
-        )
-        .on_conflict_do_nothing(index_elements=["message_id", "idx"])
-    )
+def create_chunks(session: Session, message: Outbound, parts: Sequence[str]) -> list[Chunk]:
+    """One row per part; idempotent (a second run inserts nothing). Returns the message's
+    chunks in order."""
+    inserted = session.execute(
+        _CREATE_CHUNKS,
+        [
+            {
+                "workspace_id": message.workspace_id,
+                "conversation_id": message.conversation_id,
+                "message_id": message.message_id,
+                "channel": message.channel,
+                "idx": idx,
+                "total": len(parts),
+                "body": part,
+                "idempotency_key": f"{message.message_id}:{idx}",
+                "state": "pending",
+                "attempts": 0,
+                "resent": False,
+            }
+            for idx, part in enumerate(parts)
+        ],
+    ).all()
+    if len(inserted) != len(parts):
+        return chunks(session, message.message_id)  # some existed already
+    return sorted((Chunk(*row) for row in inserted), key=lambda c: c.idx)
 
 
 _CHUNK_COLUMNS = (
@@ -909,6 +949,15 @@ _CHUNK_COLUMNS = (
 )
 
 
+# Core on the table (no ORM bulk insert), built once; RETURNING rows of an executemany come back
+# in one round trip (insertmanyvalues).
+_CREATE_CHUNKS = (
+    insert(OutboundChunk.metadata.tables["outbound_chunks"])
+    .on_conflict_do_nothing(index_elements=["message_id", "idx"])
+    .returning(*_CHUNK_COLUMNS)
+)
+
+
 def chunk_ids(session: Session, message_id: int) -> list[int]:
     return list(
         session.execute(
@@ -919,8 +968,21 @@ def chunk_ids(session: Session, message_id: int) -> list[int]:
     )
 
 
+_CHUNKS = (
+    select(*_CHUNK_COLUMNS)
+    .where(OutboundChunk.message_id == bindparam("message_id"))
+    .order_by(OutboundChunk.idx)
+)
+_CHUNK = select(*_CHUNK_COLUMNS).where(OutboundChunk.id == bindparam("chunk_id"))
+
+
+def chunks(session: Session, message_id: int) -> list[Chunk]:
+    rows = session.execute(_CHUNKS, {"message_id": message_id}).all()
+    return [Chunk(*row) for row in rows]
+
+
 def chunk(session: Session, chunk_id: int) -> Chunk:
-    row = session.execute(select(*_CHUNK_COLUMNS).where(OutboundChunk.id == chunk_id)).one()
+    row = session.execute(_CHUNK, {"chunk_id": chunk_id}).one()
     return Chunk(*row)
 
 
@@ -949,6 +1011,11 @@ def claim_chunk(
 ) -> int | None:
     """``pending → sending`` (or ``unknown → sending`` once, for a resend); the new attempt
     count, or None when another run changed the chunk first."""
+    claimed = claim(session, chunk_id, now=now, resend=resend)
+    return None if claimed is None else claimed.attempts
+
+
+def _claim_statement(*, resend: bool) -> Any:
     condition = (
         (OutboundChunk.state == "unknown") & (OutboundChunk.resent.is_(False))
         if resend
@@ -956,33 +1023,47 @@ def claim_chunk(
     )
     values: dict[str, Any] = {
         "state": "sending",
-        "sending_since": now,
+        "sending_since": bindparam("now"),
         "attempts": OutboundChunk.attempts + 1,
     }
     if resend:
         values["resent"] = True
-    return session.execute(
+    return (
         update(OutboundChunk)
-        .where(OutboundChunk.id == chunk_id, condition)
+        .where(OutboundChunk.id == bindparam("chunk_id"), condition)
         .values(**values)
-        .returning(OutboundChunk.attempts)
-    ).scalar()
+        .returning(*_CHUNK_COLUMNS)
+    )
+
+
+_CLAIM = {resend: _claim_statement(resend=resend) for resend in (False, True)}
+
+
+def claim(session: Session, chunk_id: int, *, now: datetime, resend: bool = False) -> Chunk | None:
+    """:func:`claim_chunk`, returning the claimed chunk as it now is (None: another run changed
+    it first)."""
+    row = session.execute(_CLAIM[resend], {"chunk_id": chunk_id, "now": now}).first()
+    return None if row is None else Chunk(*row)
+
+
+_MARK_SENT = (
+    update(OutboundChunk)
+    .where(OutboundChunk.id == bindparam("chunk_id"), OutboundChunk.state == "sending")
+    .values(
+        state="sent",
+        provider_message_id=bindparam("provider_message_id"),
+        sent_at=bindparam("now"),
+        last_error=None,
+    )
+    .returning(OutboundChunk.id)
+)
 
 
 def mark_sent(
     session: Session, chunk_id: int, *, provider_message_id: str | None, now: datetime
 ) -> bool:
-    return (
-        session.execute(
-            update(OutboundChunk)
-            .where(OutboundChunk.id == chunk_id, OutboundChunk.state == "sending")
-            .values(
-                state="sent", provider_message_id=provider_message_id, sent_at=now, last_error=None
-            )
-            .returning(OutboundChunk.id)
-        ).first()
-        is not None
-    )
+    params = {"chunk_id": chunk_id, "provider_message_id": provider_message_id, "now": now}
+    return session.execute(_MARK_SENT, params).first() is not None
 
 
 def move_chunk(

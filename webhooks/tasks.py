@@ -23,6 +23,10 @@ and a ``messaging_type`` chosen by :func:`webhooks.channels.messenger.messaging_
 carries the chunk's idempotency key as ``message.metadata``, which its echo returns; Instagram has
 no such field and is matched by ``repository.settle_instagram_echo``).
 
+Transactions: the first (the one that counts the job's attempt, see ``core.jobs.run_job``)
+reads the message, creates its chunks and takes the first one through its gates, limits and
+claim; the answer to the last chunk is recorded together with the job's completion.
+
 Retries have one layer: a retryable failure puts the chunk back to ``pending`` and raises
 ``Defer`` with capped exponential back-off, full jitter and at least ``Retry-After``; the chunk's
 own attempt counter bounds them (``PARLEY_SEND_MAX_ATTEMPTS``). No transaction is open during a
@@ -111,28 +115,56 @@ def _on_dead(session: Session, *, job_id: int, message_id: int, **_: Any) -> Non
     repository.end_message(session, message_id, status="dead", error="send attempts exhausted")
 
 
-@jobs.job("webhooks.send", on_dead=_on_dead)
-def send(*, job_id: int, message_id: int) -> None:
-    current = lane()
-    with session_scope() as session:
-        message = repository.outbound(session, message_id)
-        if message is None or message.status in repository.MESSAGE_TERMINAL:
-            _finish(session, job_id)
-            return
-        chunk_ids = repository.chunk_ids(session, message_id)
-        if not chunk_ids:
-            chunk_ids = _create_chunks(session, message)
-        if not chunk_ids:
-            _finish(session, job_id)
-            return
-    for chunk_id in chunk_ids:
-        _send_chunk(current, message, chunk_id)
+@dataclass(frozen=True)
+class _Opened:
+    """What the send job's first transaction found: the message, its chunks in order, and
+    what the gates decided about the first one."""
+
+    message: repository.Outbound
+    chunk_ids: list[int]
+    first: _Step
+
+
+def _open(session: Session, *, job_id: int, message_id: int) -> _Opened | None:
+    """The send job's first transaction (the one that counts its attempt): read the message,
+    cut it into chunks on the first run, and pass the first chunk through its gates and limits
+    and claim it. None: there is nothing to send, and the job is marked done. (Should this
+    transaction fail to commit after the claim, the workspace slot it took lapses after its
+    TTL, like the slot of a worker that died.)"""
+    found = repository.outbound_to_send(session, message_id)
+    if found is None or found.message.status in repository.MESSAGE_TERMINAL:
+        _finish(session, job_id)
+        return None
+    message = found.message
+    if found.has_chunks:
+        chunks = repository.chunks(session, message_id)
+    else:
+        chunks = _create_chunks(session, message)
+    if not chunks:
+        _finish(session, job_id)
+        return None
+    read = _Read(chunks[0], found.earlier_unfinished)
+    first = _prepare(session, lane(), message, chunks[0].id, read=read)
+    return _Opened(message, [c.id for c in chunks], first)
+
+
+@jobs.job("webhooks.send", on_dead=_on_dead, prepare=_open)
+def send(opened: _Opened, *, job_id: int, message_id: int) -> None:
+    current, message, step = lane(), opened.message, opened.first
+    last = len(opened.chunk_ids) - 1
+    for index, chunk_id in enumerate(opened.chunk_ids):
+        if index:
+            step = _prepare_alone(current, message, chunk_id)
+        if isinstance(step, jobs.Defer):
+            raise step
+        if step is not None and _send_claimed(current, message, step, job_id, last=index == last):
+            return  # the last chunk's answer and the job's completion committed together
     with session_scope() as session:
         repository.refresh_message_status(session, [message_id])
         _finish(session, job_id)
 
 
-def _create_chunks(session: Session, message: repository.Outbound) -> list[int]:
+def _create_chunks(session: Session, message: repository.Outbound) -> list[repository.Chunk]:
     if message.channel not in SENDABLE_CHANNELS:
         repository.end_message(
             session, message.message_id, status="failed", error="unsupported_channel"
@@ -148,15 +180,13 @@ def _create_chunks(session: Session, message: repository.Outbound) -> list[int]:
             )
             log.error("send.invalid_template", message_id=message.message_id)
             return []
-        repository.create_chunks(session, message, [message.body or ""])
-        return repository.chunk_ids(session, message.message_id)
+        return repository.create_chunks(session, message, [message.body or ""])
     parts = split_text(message.body or "", limit_for(message.channel))
     if not parts:
         repository.end_message(session, message.message_id, status="failed", error="empty_body")
         log.error("send.empty_body", message_id=message.message_id)
         return []
-    repository.create_chunks(session, message, parts)
-    return repository.chunk_ids(session, message.message_id)
+    return repository.create_chunks(session, message, parts)
 
 
 @dataclass(frozen=True)
@@ -170,24 +200,101 @@ class _Go:
     tag: str | None = None
 
 
-def _send_chunk(current: Lane, message: repository.Outbound, chunk_id: int) -> None:
-    """Return once the chunk is finished; raise ``Defer`` while it must wait."""
-    with session_scope() as session:
-        decision = _gate(session, current, message, chunk_id, utcnow())
-    if isinstance(decision, jobs.Defer):
-        raise decision
-    if decision is None:
-        return
-    _limited_send(current, message, chunk_id, decision)
+@dataclass(frozen=True)
+class _Read:
+    """What the gates' transaction already read: the chunk, and whether an earlier outbound
+    message of the conversation is unfinished (the message itself, account status included,
+    was read in it too)."""
+
+    chunk: repository.Chunk
+    earlier_unfinished: bool
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    """A chunk this run moved to ``sending``, with the workspace slot it holds until the Graph
+    API answers (``degraded``: the limiters could not be asked)."""
+
+    chunk: repository.Chunk
+    go: _Go
+    workspace_id: int
+    slot: str | None
+    degraded: bool
+
+
+# What the gates and limits decided about a chunk: send it (claimed), wait, or nothing to do.
+_Step = _Claimed | jobs.Defer | None
+
+
+def _prepare(
+    session: Session,
+    current: Lane,
+    message: repository.Outbound,
+    chunk_id: int,
+    *,
+    read: _Read | None = None,
+) -> _Step:
+    """The chunk's gates and, when they let it go, the limits and its claim
+    (``pending → sending``), in the caller's transaction. The Redis limits are asked after the
+    gates, so a chunk that has to wait spends no token; writes made here commit even when the
+    answer is a deferral."""
+    decision = _gate(session, current, message, chunk_id, utcnow(), read=read)
+    if not isinstance(decision, _Go):
+        return decision
+    limited = _take_limits(current, message)
+    if isinstance(limited, jobs.Defer):
+        return limited
+    slot, degraded = limited
+    try:
+        chunk = repository.claim(session, chunk_id, now=utcnow(), resend=decision.resend)
+        if chunk is not None:
+            repository.refresh_message_status(session, [message.message_id])
+    except BaseException:
+        _release_slot(current, message.workspace_id, slot)
+        raise
+    if chunk is None:
+        _release_slot(current, message.workspace_id, slot)
+        return jobs.Defer(current.settings.send_order_delay, "chunk_claimed_elsewhere")
+    return _Claimed(chunk, decision, message.workspace_id, slot, degraded)
+
+
+def _prepare_alone(current: Lane, message: repository.Outbound, chunk_id: int) -> _Step:
+    """:func:`_prepare` in a transaction of its own."""
+    step: _Step = None
+    try:
+        with session_scope() as session:
+            step = _prepare(session, current, message, chunk_id)
+    except BaseException:
+        _let_go(current, step)
+        raise
+    return step
+
+
+def _let_go(current: Lane, step: _Step) -> None:
+    """Give back the slot of a claim whose transaction did not commit."""
+    if isinstance(step, _Claimed):
+        _release_slot(current, step.workspace_id, step.slot)
+
+
+def _release_slot(current: Lane, workspace_id: int, slot: str | None) -> None:
+    if current.limits is not None:
+        current.limits.release_slot(workspace_id, slot)
 
 
 def _gate(
-    session: Session, current: Lane, message: repository.Outbound, chunk_id: int, now: datetime
+    session: Session,
+    current: Lane,
+    message: repository.Outbound,
+    chunk_id: int,
+    now: datetime,
+    *,
+    read: _Read | None = None,
 ) -> _Go | jobs.Defer | None:
     """Decide in one transaction whether the chunk may go. None: it is finished (or was just
-    finished here). Writes made here commit even when the answer is a deferral."""
+    finished here). Writes made here commit even when the answer is a deferral. ``read``: what
+    this transaction already read (otherwise the gates read it)."""
     settings = current.settings
-    chunk = repository.chunk(session, chunk_id)
+    chunk = read.chunk if read is not None else repository.chunk(session, chunk_id)
     log_ids = {"chunk_id": chunk_id, "message_id": message.message_id}
     if chunk.state in repository.CHUNK_TERMINAL:
         return None
@@ -221,8 +328,12 @@ def _gate(
             log.error("send.unconfirmed", **log_ids)
             return None
         resend = True
-    if repository.earlier_unfinished(
-        session, conversation_id=message.conversation_id, message_id=message.message_id
+    if (
+        read.earlier_unfinished
+        if read is not None
+        else repository.earlier_unfinished(
+            session, conversation_id=message.conversation_id, message_id=message.message_id
+        )
     ):
         return jobs.Defer(settings.send_order_delay, "earlier_message_unfinished")
     if message.kind == "template":
@@ -240,7 +351,12 @@ def _gate(
         )
         return None
     probe = False
-    if repository.account_status(session, message.account_id) == "paused":
+    status = (
+        message.account_status
+        if read is not None
+        else repository.account_status(session, message.account_id)
+    )
+    if status == "paused":
         interval = settings.send_paused_probe_interval
         if current.limits is None or not current.limits.claim_probe(
             message.account_id, interval=interval
@@ -382,34 +498,43 @@ def _give_up(
     repository.refresh_message_status(session, [message.message_id])
 
 
-def _limited_send(current: Lane, message: repository.Outbound, chunk_id: int, go: _Go) -> None:
+def _take_limits(
+    current: Lane, message: repository.Outbound
+) -> tuple[str | None, bool] | jobs.Defer:
+    """The account's breaker, a workspace slot and a token from each bucket: the slot held
+    and whether the limiters were unreachable (degraded), or how long to wait."""
     settings = current.settings
     limits = current.limits
-    degraded = False
-    slot: str | None = None
-    if limits is not None:
-        allowed = limits.breaker_allow(message.account_id, cooldown=settings.send_breaker_cooldown)
-        if not allowed.allowed:
-            raise jobs.Defer(allowed.wait + current.rng.uniform(0, 1.0), "breaker_open")
-        slot, held = limits.acquire_slot(
-            message.workspace_id,
-            cap=settings.send_workspace_concurrency,
-            ttl=settings.graph_timeout + 5.0,
-        )
-        if not held.allowed:
-            raise jobs.Defer(held.wait + current.rng.uniform(0, 0.2), "workspace_busy")
-        taken = limits.take(_buckets(limits, message, settings))
-        if not taken.allowed:
-            limits.release_slot(message.workspace_id, slot)
-            raise jobs.Defer(taken.wait + current.rng.uniform(0, 0.05), "rate_limited")
-        degraded = allowed.degraded or held.degraded or taken.degraded
+    if limits is None:
+        return None, False
+    allowed = limits.breaker_allow(message.account_id, cooldown=settings.send_breaker_cooldown)
+    if not allowed.allowed:
+        return jobs.Defer(allowed.wait + current.rng.uniform(0, 1.0), "breaker_open")
+    slot, held = limits.acquire_slot(
+        message.workspace_id,
+        cap=settings.send_workspace_concurrency,
+        ttl=settings.graph_timeout + 5.0,
+    )
+    if not held.allowed:
+        return jobs.Defer(held.wait + current.rng.uniform(0, 0.2), "workspace_busy")
+    taken = limits.take(_buckets(limits, message, settings))
+    if not taken.allowed:
+        limits.release_slot(message.workspace_id, slot)
+        return jobs.Defer(taken.wait + current.rng.uniform(0, 0.05), "rate_limited")
+    return slot, allowed.degraded or held.degraded or taken.degraded
+
+
+def _send_claimed(
+    current: Lane, message: repository.Outbound, claimed: _Claimed, job_id: int, *, last: bool
+) -> bool:
+    """Send a claimed chunk; True when its answer was recorded together with the job's
+    completion (``last``: it is the message's last chunk)."""
     try:
-        if degraded:
-            time.sleep(settings.send_degraded_delay)
-        _attempt(current, message, chunk_id, go)
+        if claimed.degraded:
+            time.sleep(current.settings.send_degraded_delay)
+        return _attempt(current, message, claimed, job_id if last else None)
     finally:
-        if limits is not None:
-            limits.release_slot(message.workspace_id, slot)
+        _release_slot(current, claimed.workspace_id, claimed.slot)
 
 
 def _buckets(limits: Limits, message: repository.Outbound, settings: Settings) -> list[Bucket]:
@@ -431,15 +556,14 @@ def _buckets(limits: Limits, message: repository.Outbound, settings: Settings) -
     return buckets
 
 
-def _attempt(current: Lane, message: repository.Outbound, chunk_id: int, go: _Go) -> None:
+def _attempt(
+    current: Lane, message: repository.Outbound, claimed: _Claimed, job_id: int | None
+) -> bool:
+    """POST the claimed chunk and record the answer; True when the job was marked done with
+    it (``job_id``: the chunk is the message's last)."""
     settings = current.settings
-    now = utcnow()
-    with session_scope() as session:
-        attempts = repository.claim_chunk(session, chunk_id, now=now, resend=go.resend)
-        if attempts is None:
-            raise jobs.Defer(settings.send_order_delay, "chunk_claimed_elsewhere")
-        chunk = repository.chunk(session, chunk_id)
-        repository.refresh_message_status(session, [message.message_id])
+    chunk, go = claimed.chunk, claimed.go
+    chunk_id, attempts = chunk.id, chunk.attempts
     log_ids = {
         "chunk_id": chunk_id,
         "message_id": message.message_id,
@@ -461,11 +585,11 @@ def _attempt(current: Lane, message: repository.Outbound, chunk_id: int, go: _Go
         _retry(
             current, message, chunk_id, attempts, error, type(exc).__name__, log_ids, breaker=True
         )
-        return
+        return False
     payload = _json(response)
     if response.is_success:
-        _sent(current, message, chunk_id, sent_message_id(message.channel, payload), go, log_ids)
-        return
+        provider_id = sent_message_id(message.channel, payload)
+        return _sent(current, message, chunk_id, provider_id, go, log_ids, job_id=job_id)
     error = meta.classify_error(response.status_code, payload, response.headers.get("retry-after"))
     if error.kind == meta.RETRY:
         _retry(
@@ -490,6 +614,7 @@ def _attempt(current: Lane, message: repository.Outbound, chunk_id: int, go: _Go
         )
         if error.alert:
             log.error("send.account_alert", code=error.code, account_id=message.account_id)
+    return False
 
 
 def graph_url(settings: Settings, channel: str, path: str) -> str:
@@ -567,7 +692,11 @@ def _sent(
     provider_id: str | None,
     go: _Go,
     log_ids: dict[str, int],
-) -> None:
+    *,
+    job_id: int | None = None,
+) -> bool:
+    """Record the accepted send; with ``job_id`` (the last chunk) the job is marked done in the
+    same transaction. The send is recorded even when another run finished the job first."""
     with session_scope() as session:
         recorded = repository.mark_sent(
             session, chunk_id, provider_message_id=provider_id, now=utcnow()
@@ -576,11 +705,15 @@ def _sent(
             session, message.account_id, status="active", was="paused"
         )
         repository.refresh_message_status(session, [message.message_id])
+        done = job_id is not None and jobs.complete(session, job_id)
     if current.limits is not None and current.limits.breaker_success(message.account_id):
         log.info("send.breaker_closed", account_id=message.account_id)
     if resumed:
         log.warning("send.account_resumed", account_id=message.account_id)
     log.info("send.sent", resent=go.resend, recorded=recorded, **log_ids)
+    if job_id is not None and not done:
+        raise jobs.AlreadyDone
+    return done
 
 
 def _retry(
@@ -726,19 +859,26 @@ def typing_requests(
     return []
 
 
-@jobs.job("webhooks.send_typing")
-def send_typing(*, job_id: int, message_id: int) -> None:
+def _typing_target(
+    session: Session, *, job_id: int, message_id: int
+) -> repository.TypingTarget | None:
+    """In the attempt's transaction: the message to mark read, with the job marked done (it is
+    never retried). None: there is nothing to send."""
+    target = repository.typing_target(session, message_id)
+    _finish(session, job_id)
+    if target is None or target.channel not in SENDABLE_CHANNELS:
+        return None
+    return target
+
+
+@jobs.job("webhooks.send_typing", prepare=_typing_target)
+def send_typing(target: repository.TypingTarget, *, job_id: int, message_id: int) -> None:
     """Best effort: mark an inbound message read and show the typing indicator. Each request is
     tried at most twice (a retryable answer or a connection that never opened gets one more
     try); nothing is deferred, nothing raised, so it never holds anything up. Routed to the
     ``send`` lane by its name (``webhooks.send*``)."""
     current = lane()
     settings = current.settings
-    with session_scope() as session:
-        target = repository.typing_target(session, message_id)
-        _finish(session, job_id)
-    if target is None or target.channel not in SENDABLE_CHANNELS:
-        return
     if target.account_status != "active":
         log.info("typing.skipped", reason="account_paused", message_id=message_id)
         return

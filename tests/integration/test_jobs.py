@@ -11,6 +11,7 @@ import redis
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import db as core_db
 from core import jobs
 from core.config import get_settings
 from core.models import OutboxJob, utcnow
@@ -135,3 +136,91 @@ def test_complete_is_conditional(db: Session) -> None:
 @pytest.mark.parametrize(("attempt", "delay"), [(1, 1.0), (2, 2.0), (5, 16.0), (20, 300.0)])
 def test_backoff_grows_and_is_capped(attempt: int, delay: float) -> None:
     assert jobs.backoff(attempt) == delay
+
+
+def test_a_prepare_step_runs_in_the_attempt_transaction(
+    factory: sessionmaker[Session], db: Session
+) -> None:
+    seen: list[tuple[int, object]] = []
+
+    def prepare(session: Session, *, job_id: int, n: int) -> int:
+        # The attempt is counted in this very transaction.
+        attempts = session.get(OutboxJob, job_id).attempts  # type: ignore[union-attr]
+        assert attempts == 1
+        return n * 10
+
+    def body(prepared: int, *, job_id: int, n: int) -> None:
+        seen.append((job_id, prepared))
+        with core_db.session_scope(factory) as session:
+            assert jobs.complete(session, job_id)
+
+    job = jobs.enqueue(db, "bots.reply", n=4)
+    db.commit()
+    assert jobs.run_job(job.id, body, prepare=prepare, factory=factory) == "done"
+    assert seen == [(job.id, 40)]
+    assert jobs.run_job(job.id, body, prepare=prepare, factory=factory) == "skipped"
+
+
+def test_a_prepare_step_that_finishes_the_job_skips_the_body(
+    factory: sessionmaker[Session], db: Session
+) -> None:
+    def prepare(session: Session, *, job_id: int, n: int) -> None:
+        assert jobs.complete(session, job_id)
+
+    def body(prepared: object, *, job_id: int, n: int) -> None:
+        raise AssertionError("the job was finished by its prepare step")
+
+    job = jobs.enqueue(db, "bots.reply", n=1)
+    db.commit()
+    assert jobs.run_job(job.id, body, prepare=prepare, factory=factory) == "done"
+    db.expire_all()
+    assert db.get(OutboxJob, job.id).state == "done"  # type: ignore[union-attr]
+
+
+def test_a_failing_prepare_step_still_counts_its_attempt_and_is_dead_lettered(
+    factory: sessionmaker[Session], db: Session
+) -> None:
+    """The failure rolls back the transaction that counted the attempt; the attempt is counted
+    again where the failure is recorded, so a poison job still ends dead."""
+    deaths: list[int] = []
+
+    def prepare(session: Session, *, job_id: int, n: int) -> int:
+        raise RuntimeError("boom")
+
+    def body(prepared: int, *, job_id: int, n: int) -> None:
+        raise AssertionError("never reached")
+
+    def on_dead(session: Session, *, job_id: int, **payload: object) -> None:
+        deaths.append(job_id)
+
+    job = jobs.enqueue(db, "bots.reply", n=1)
+    db.commit()
+    limit = get_settings().job_max_attempts
+    results = [
+        jobs.run_job(job.id, body, prepare=prepare, on_dead=on_dead, factory=factory)
+        for _ in range(limit)
+    ]
+    assert results == ["failed"] * limit
+    db.expire_all()
+    row = db.get(OutboxJob, job.id)
+    assert row is not None and row.attempts == limit and row.last_error == "RuntimeError: boom"
+    assert jobs.run_job(job.id, body, prepare=prepare, on_dead=on_dead, factory=factory) == "dead"
+    assert deaths == [job.id]
+
+
+def test_a_prepare_step_that_defers_spends_no_attempt(
+    factory: sessionmaker[Session], db: Session
+) -> None:
+    def prepare(session: Session, *, job_id: int, n: int) -> int:
+        raise jobs.Defer(5.0, "not yet")
+
+    def body(prepared: int, *, job_id: int, n: int) -> None:
+        raise AssertionError("never reached")
+
+    job = jobs.enqueue(db, "bots.reply", n=1)
+    db.commit()
+    assert jobs.run_job(job.id, body, prepare=prepare, factory=factory) == "deferred"
+    db.expire_all()
+    row = db.get(OutboxJob, job.id)
+    assert row is not None and row.attempts == 0 and row.state == "pending"
+    assert row.available_at > utcnow()
