@@ -12,9 +12,10 @@ loads). The two are measured in alternating rounds, so both see the same machine
 
 At each size, for ``--messages`` messages on conversations sampled from the whole table, the
 real repository functions run the per-message sequence, one transaction per step as the
-platform does: intake (contact, conversation, INSERT … ON CONFLICT, outbox job), the pipeline's
-reads (lease, context, pending lookup, history of the last N turns, limits), the reply
-(reply insert, outcome insert, send job). For ``--status-messages`` of the replies the send
+platform does: intake (the set-wise contact/conversation statement, the message insert with its
+window, the outbox job), the pipeline's reads (lease taken for the message, context, pending
+lookup, history of the last N turns, limits), the reply (reply insert, outcome insert, send job,
+the lease checked and released). For ``--status-messages`` of the replies the send
 lane's chunk and two status webhooks are timed too, reported apart (not in the ratio). Every
 statement is timed, so a statement that scales badly is named, with its EXPLAIN plan.
 
@@ -304,32 +305,45 @@ def one_message(
     started = time.perf_counter()
     wamid = "wamid.bench." + secrets.token_hex(12)
     with step(timings, "intake", clock), session_scope(factory) as session:
-        contact = hooks.contact_id(
+        # The intake's set-wise statements (webhooks.service.apply_deliveries), for a run of one
+        # message whose conversation is not remembered yet (the conservative case).
+        contact = f"seed{conv_index}"
+        threads = hooks.conversation_ids(
             session,
-            workspace_id=account.workspace_id,
-            channel="whatsapp",
-            external_id=f"seed{conv_index}",
-            name=None,
+            [
+                hooks.ThreadKey(
+                    workspace_id=account.workspace_id,
+                    bot_id=account.bot_id,
+                    account_id=account.id,
+                    channel="whatsapp",
+                    contact=contact,
+                )
+            ],
         )
-        conversation = hooks.conversation_id(session, account=account, contact=contact)
-        message_id = hooks.insert_inbound(
+        conversation = threads[(account.id, contact)]
+        stored = hooks.insert_inbound_many(
             session,
-            workspace_id=account.workspace_id,
-            conversation=conversation,
-            channel="whatsapp",
-            provider_message_id=wamid,
-            provider_ts=now,
-            body="when do you open?",
+            [
+                hooks.InboundRow(
+                    workspace_id=account.workspace_id,
+                    conversation_id=conversation,
+                    channel="whatsapp",
+                    kind="text",
+                    provider_message_id=wamid,
+                    provider_ts=now,
+                    body="when do you open?",
+                    content=None,
+                )
+            ],
         )
-        assert message_id is not None
-        hooks.touch_conversation(session, conversation, now)
-        job = jobs.enqueue(session, "bots.reply", message_id=message_id)
+        message_id = stored[("whatsapp", wamid)]
+        (job_id,) = jobs.enqueue_many(session, [("bots.reply", {"message_id": message_id})])
         jobs.drop_buffer(session)  # no broker here: the doorbell is not what this measures
     holder = f"bench-{secrets.token_hex(6)}"
     with step(timings, "pipeline_reads", clock), session_scope(factory) as session:
         found = bots_repo.message_conversation(session, message_id)
         assert found is not None
-        assert lease.acquire(session, conversation, holder, 120)
+        assert lease.acquire_for_message(session, message_id, holder, 120) == conversation
         ctx = bots_repo.conversation_context(session, conversation)
         pending = bots_repo.pending_inbound(session, conversation)
         assert pending, "the new message must be pending"
@@ -339,7 +353,6 @@ def one_message(
         bots_repo.has_bot_reply(session, conversation)
         assert len(turns) == history_turns, "history must be full at both sizes"
     with step(timings, "reply", clock), session_scope(factory) as session:
-        assert lease.still_held(session, conversation, holder)
         out = Message(
             workspace_id=account.workspace_id,
             conversation_id=conversation,
@@ -366,9 +379,9 @@ def one_message(
         )
         session.execute(update(Message).where(Message.id == message_id).values(status="replied"))
         jobs.enqueue(session, "webhooks.send", message_id=out.id)
-        assert jobs.complete(session, job.id)
+        assert jobs.complete(session, job_id)
         jobs.drop_buffer(session)
-        lease.release(session, conversation, holder)
+        assert lease.end_turn(session, conversation, holder) == (True, True)
     if timings is not None:
         timings.total.append((time.perf_counter() - started) * 1000)
     if not with_status:
