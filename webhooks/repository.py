@@ -103,12 +103,25 @@ def contact_id(
 
 
 def conversation_id(session: Session, *, account: ChannelAccount, contact: int) -> int:
+    return upsert_conversation(
+        session,
+        workspace_id=account.workspace_id,
+        bot_id=account.bot_id,
+        account_id=account.id,
+        contact=contact,
+    )
+
+
+def upsert_conversation(
+    session: Session, *, workspace_id: int, bot_id: int, account_id: int, contact: int
+) -> int:
+    """The conversation of ``contact`` with the account, created when new."""
     inserted = session.execute(
         insert(Conversation)
         .values(
-            workspace_id=account.workspace_id,
-            bot_id=account.bot_id,
-            channel_account_id=account.id,
+            workspace_id=workspace_id,
+            bot_id=bot_id,
+            channel_account_id=account_id,
             contact_id=contact,
         )
         .on_conflict_do_nothing(index_elements=["channel_account_id", "contact_id"])
@@ -118,7 +131,7 @@ def conversation_id(session: Session, *, account: ChannelAccount, contact: int) 
         return inserted
     return session.execute(
         select(Conversation.id).where(
-            Conversation.channel_account_id == account.id, Conversation.contact_id == contact
+            Conversation.channel_account_id == account_id, Conversation.contact_id == contact
         )
     ).scalar_one()
 
@@ -256,29 +269,14 @@ def conversation_ids(session: Session, keys: Sequence[ThreadKey]) -> dict[tuple[
             external_id=k.contact,
             name=k.name,
         )
-        found[(k.account_id, k.contact)] = _conversation_for(session, k, contact)
+        found[(k.account_id, k.contact)] = upsert_conversation(
+            session,
+            workspace_id=k.workspace_id,
+            bot_id=k.bot_id,
+            account_id=k.account_id,
+            contact=contact,
+        )
     return found
-
-
-def _conversation_for(session: Session, key: ThreadKey, contact: int) -> int:
-    inserted = session.execute(
-        insert(Conversation)
-        .values(
-            workspace_id=key.workspace_id,
-            bot_id=key.bot_id,
-            channel_account_id=key.account_id,
-            contact_id=contact,
-        )
-        .on_conflict_do_nothing(index_elements=["channel_account_id", "contact_id"])
-        .returning(Conversation.id)
-    ).scalar()
-    if inserted is not None:
-        return inserted
-    return session.execute(
-        select(Conversation.id).where(
-            Conversation.channel_account_id == key.account_id, Conversation.contact_id == contact
-        )
-    ).scalar_one()
 
 
 @dataclass(frozen=True)
