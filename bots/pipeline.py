@@ -611,12 +611,19 @@ def _ask_model(draft: Draft) -> tuple[str, list[str], int, memory.Prompt]:
             params=draft.params,
             role="vision",
             request_id=_request_id(last, "vision"),
+            conversation_key=draft.conversation_id,
+            cache_salt=str(draft.workspace_id),
         )
         tokens = (result.prompt_tokens or 0) + (result.completion_tokens or 0)
         return result.text, [], tokens, prompt
     try:
         result = client.chat(
-            prompt.messages, params=draft.params, model=draft.model, request_id=_request_id(last)
+            prompt.messages,
+            params=draft.params,
+            model=draft.model,
+            request_id=_request_id(last),
+            conversation_key=draft.conversation_id,
+            cache_salt=str(draft.workspace_id),
         )
     except ContextTooLong:
         # Keep the system prompt and the newest turn; folding into a summary comes with memory.
@@ -626,6 +633,8 @@ def _ask_model(draft: Draft) -> tuple[str, list[str], int, memory.Prompt]:
             params=draft.params,
             model=draft.model,
             request_id=_request_id(last, "short"),
+            conversation_key=draft.conversation_id,
+            cache_salt=str(draft.workspace_id),
         )
     except BadRequest as exc:
         log.warning("pipeline.model_rejected", message_id=last, error=str(exc)[:200])

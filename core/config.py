@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     inference_endpoints: str | None = None
     inference_timeout: float = 60.0
     inference_connect_timeout: float = 3.0
+    # The pool client (see inference.PoolConfig): requests one process keeps open to one
+    # endpoint before spilling to the next (0: no cap), the vllm:num_requests_waiting reading
+    # that also spills (0: never), consecutive failures that open an endpoint's breaker,
+    # seconds before the half-open probe, and seconds between active health checks (0: none).
+    inference_max_in_flight: int = Field(default=32, ge=0)
+    inference_spill_waiting: int = Field(default=8, ge=0)
+    inference_breaker_failures: int = Field(default=3, ge=1)
+    inference_breaker_cooldown: float = Field(default=15.0, ge=0)
+    inference_health_interval: float = Field(default=10.0, ge=0)
     local_model_port: int = 8181
     local_model_threads: int = 2
     local_model_ctx: int = 4096

@@ -3,6 +3,12 @@
 Requests carry OpenAI-style ``messages``; the server applies the model's chat template. The
 launcher for the local CPU server is ``inference.local``.
 
+Routing keeps a conversation on one server (rendezvous hashing on the conversation key, so
+vLLM's prefix cache serves its history), spills to the next server in the same order when
+that one is over its in-flight cap or reports a long waiting queue, and ejects a failing
+server with a per-endpoint circuit breaker; ``PoolConfig`` holds the knobs and
+``InferenceClient.stats()`` the per-endpoint counters (``EndpointStats``).
+
 Errors
 ------
 Every error is an ``InferenceError`` carrying ``endpoint`` (the base URL involved, or ``None``
@@ -22,9 +28,11 @@ when no server was tried) and a message that never holds prompt or reply content
 
 Within one ``chat()`` call the client already moved on to the next endpoint of the role when
 a server could not be reached at all, so an ``Unavailable`` or ``Timeout`` from a connection
-failure means every endpoint of the role failed. Once a request may have reached a server
-it is never sent again by this package. Programming errors (a ``request_id`` that is not a
-UUID, out-of-range ``GenerationParams``, a malformed endpoint spec) raise ``ValueError``.
+failure means every endpoint of the role failed (every one not ejected by its breaker; when
+all are ejected, all are tried). Once a request may have reached a server it is never sent
+again by this package. Programming errors (a ``request_id`` that is not a UUID, an empty
+``cache_salt``, out-of-range ``GenerationParams`` or ``PoolConfig``, a malformed endpoint
+spec) raise ``ValueError``.
 """
 
 from ._client import ChatResult, GenerationParams, InferenceClient
@@ -37,6 +45,7 @@ from ._errors import (
     Timeout,
     Unavailable,
 )
+from ._pool import EndpointStats, PoolConfig
 
 __all__ = [
     "BadRequest",
@@ -44,9 +53,11 @@ __all__ = [
     "ChatResult",
     "ContextTooLong",
     "Endpoint",
+    "EndpointStats",
     "GenerationParams",
     "InferenceClient",
     "InferenceError",
+    "PoolConfig",
     "Role",
     "Timeout",
     "Unavailable",

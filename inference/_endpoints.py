@@ -11,6 +11,7 @@ import yaml
 
 Role = Literal["chat", "guard", "vision"]
 ROLES: tuple[Role, ...] = ("chat", "guard", "vision")
+_OPTIONS = ("model", "role", "max_in_flight")
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,12 +20,15 @@ class Endpoint:
 
     ``url`` is the base URL without ``/v1`` and without a trailing slash; the client calls
     ``{url}/v1/chat/completions``. ``model`` is the name sent in requests (``None`` lets the
-    caller choose). ``role`` says which kind of request the server takes.
+    caller choose). ``role`` says which kind of request the server takes. ``max_in_flight``
+    caps the requests one process keeps open to it before spilling to the next server
+    (``None``: the pool's default; 0: no cap).
     """
 
     url: str
     model: str | None = None
     role: Role = "chat"
+    max_in_flight: int | None = None
 
 
 def normalize_base_url(raw: str) -> str:
@@ -55,21 +59,36 @@ def _role(value: object, item: str) -> Role:
     raise ValueError(f"unknown role {value!r} in {item!r}; expected one of {', '.join(ROLES)}")
 
 
+def _cap(value: object, item: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"max_in_flight must be a whole number >= 0 in {item!r}")
+
+
 def _parse_item(item: str) -> Endpoint:
     url, _, fragment = item.partition("#")
     fields: dict[str, str] = {}
     if fragment:
         for pair in fragment.split("&"):
             key, sep, value = pair.partition("=")
-            if not sep or key not in ("model", "role") or key in fields or not value:
-                raise ValueError(f"bad option {pair!r} in {item!r}; use #model=NAME&role=ROLE")
+            if not sep or key not in _OPTIONS or key in fields or not value:
+                raise ValueError(
+                    f"bad option {pair!r} in {item!r}; use #model=NAME&role=ROLE&max_in_flight=N"
+                )
             fields[key] = unquote(value)
     try:
         base = normalize_base_url(url)
     except ValueError as exc:
         raise ValueError(f"bad endpoint {item!r}: {exc}") from None
     return Endpoint(
-        url=base, model=fields.get("model"), role=_role(fields.get("role", "chat"), item)
+        url=base,
+        model=fields.get("model"),
+        role=_role(fields.get("role", "chat"), item),
+        max_in_flight=_cap(fields.get("max_in_flight"), item),
     )
 
 
@@ -86,7 +105,7 @@ def _load_pool(path: Path) -> list[Endpoint]:
         item = f"{path}: endpoints[{index}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
             raise ValueError(f"{item} must be a mapping with a 'url' string")
-        unknown = set(entry) - {"url", "model", "role"}
+        unknown = set(entry) - {"url", *_OPTIONS}
         if unknown:
             raise ValueError(f"{item} has unknown keys: {', '.join(sorted(map(str, unknown)))}")
         model = entry.get("model")
@@ -97,7 +116,12 @@ def _load_pool(path: Path) -> list[Endpoint]:
         except ValueError as exc:
             raise ValueError(f"{item}: {exc}") from None
         endpoints.append(
-            Endpoint(url=base, model=model, role=_role(entry.get("role", "chat"), item))
+            Endpoint(
+                url=base,
+                model=model,
+                role=_role(entry.get("role", "chat"), item),
+                max_in_flight=_cap(entry.get("max_in_flight"), item),
+            )
         )
     return endpoints
 
@@ -105,11 +129,12 @@ def _load_pool(path: Path) -> list[Endpoint]:
 def parse_endpoints(spec: str) -> list[Endpoint]:
     """Parse an endpoint list.
 
-    ``spec`` is either comma-separated ``URL[#model=NAME][&role=chat|guard|vision]`` items
-    (options in any order, role defaulting to ``chat``, blank items ignored) or
-    ``@path/to/pool.yaml`` naming a YAML file ``endpoints: [{url, model, role}]``.
-    The order is kept: it is the failover order. Raises ``ValueError`` naming the bad
-    item, or when the spec holds no endpoint at all.
+    ``spec`` is either comma-separated
+    ``URL[#model=NAME][&role=chat|guard|vision][&max_in_flight=N]`` items (options in any
+    order, role defaulting to ``chat``, blank items ignored) or ``@path/to/pool.yaml``
+    naming a YAML file ``endpoints: [{url, model, role, max_in_flight}]``. The order is
+    kept: it is the failover order of requests without a conversation key. Raises
+    ``ValueError`` naming the bad item, or when the spec holds no endpoint at all.
     """
     text = spec.strip()
     if text.startswith("@"):

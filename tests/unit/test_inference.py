@@ -21,6 +21,7 @@ from inference import (
     GenerationParams,
     InferenceClient,
     InferenceError,
+    PoolConfig,
     Timeout,
     Unavailable,
     parse_endpoints,
@@ -73,8 +74,9 @@ class Recorder:
     def hosts(self) -> list[str]:
         return [request.url.host for request in self.requests]
 
-    def client(self, *endpoints: Endpoint) -> InferenceClient:
-        return InferenceClient(endpoints, transport=self.transport)
+    def client(self, *endpoints: Endpoint, **pool: Any) -> InferenceClient:
+        config = PoolConfig(**{"health_interval": 0, **pool})
+        return InferenceClient(endpoints, transport=self.transport, pool=config)
 
 
 def ok(request: httpx.Request) -> httpx.Response:
