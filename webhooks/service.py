@@ -179,23 +179,26 @@ def parse(channel: str, body: bytes) -> list[ChannelEvent]:
     return PARSERS[channel](decode(body))
 
 
-def read_delivery(
-    session: Session, channel: str, body: bytes, signature: str | None
-) -> tuple[repository.AppSecrets, list[ChannelEvent]]:
-    """Authenticate and parse one delivery of ``channel`` (no writes)."""
-    app = authenticate(session, body, signature, channel)
-    return app, parse(channel, body)
-
-
 def signed_statuses(
     app: repository.AppSecrets, events: Sequence[ChannelEvent]
 ) -> list[repository.SignedStatus]:
     return [repository.SignedStatus(app.id, e) for e in events if isinstance(e, StatusUpdate)]
 
 
-def intake_whatsapp(session: Session, body: bytes, signature: str | None) -> IntakeResult:
-    app, events = read_delivery(session, "whatsapp", body, signature)
-    return store_events(session, app, events, channel="whatsapp")
+def intake(
+    session: Session, channel: str, body: bytes, signature: str | None, directory: Directory
+) -> IntakeResult:
+    """One delivery in the caller's transaction, through the same set-wise path as the group
+    commit (for in-process callers). The caller must not reuse ``directory`` after a rollback
+    without :meth:`Directory.forget`; this forgets it when the delivery fails."""
+    app = authenticate(session, body, signature, channel)
+    try:
+        return apply_deliveries(session, [Delivery(channel, app, parse(channel, body))], directory)[
+            0
+        ]
+    except Exception:
+        directory.forget()
+        raise
 
 
 def store_events(

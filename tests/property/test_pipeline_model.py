@@ -49,6 +49,7 @@ from core.config import reset_settings
 from core.db import session_scope, use_sessionmaker
 from tests.support.factories import WhatsAppBot, create_whatsapp_bot
 from webhooks import simulator
+from webhooks.directory import Directory
 
 MODEL = "model.fake"
 GRAPH = "graph.fake"
@@ -238,6 +239,7 @@ class Pipeline(RuleBasedStateMachine):
         )
         self.scope = use_sessionmaker(self.factory)
         self.scope.__enter__()
+        self.directory = Directory(self.factory)  # per example: its rows roll back with it
         self.broker.queue.clear()
         self.network.accepted.clear()
         self.network.statuses.clear()
@@ -260,11 +262,11 @@ class Pipeline(RuleBasedStateMachine):
     # --- helpers -----------------------------------------------------------------------------
 
     def _post(self, item: Sent) -> None:
-        from webhooks.service import intake_whatsapp
+        from webhooks.service import intake
 
         signature = item.headers["X-Hub-Signature-256"]
         with session_scope(self.factory) as session:
-            intake_whatsapp(session, item.body, signature)
+            intake(session, "whatsapp", item.body, signature, self.directory)
         self.acked.setdefault(item.wamid, (item.conv, item.seq, self.step))
 
     def _run(self, doorbell: Doorbell) -> str:
@@ -358,7 +360,7 @@ class Pipeline(RuleBasedStateMachine):
     @rule()
     def status_webhooks(self) -> None:
         """Meta reports what it accepted (sent, delivered), carrying the send's callback data."""
-        from webhooks.service import intake_whatsapp
+        from webhooks.service import intake
 
         self.step += 1
         statuses, self.network.statuses = self.network.statuses, []
@@ -367,7 +369,9 @@ class Pipeline(RuleBasedStateMachine):
                 payload = status_payload(self.bot.phone_number_id, status, kind)
                 body, headers = simulator.signed(payload, self.bot.app_secret)
                 with session_scope(self.factory) as session:
-                    intake_whatsapp(session, body, headers["X-Hub-Signature-256"])
+                    intake(
+                        session, "whatsapp", body, headers["X-Hub-Signature-256"], self.directory
+                    )
 
     @rule()
     def relay(self) -> None:
