@@ -1,9 +1,10 @@
 """Webhook intake: verify, parse, store in one transaction, enqueue after commit.
 
-The caller (the route) owns the transaction: this module only flushes. A 2xx may be returned
-only after the session commits. Every event of a delivery is applied in that one transaction;
-if any of them raises, the exception propagates, the route rolls the whole delivery back and
-answers 5xx so Meta retries it (message ids and upserts make the retry safe).
+The caller (the group-commit writer in ``webhooks/batcher.py``) owns the transaction: this
+module only flushes. A 2xx may be returned only after the session commits. Every event of a
+delivery is applied in one transaction; if any of them raises, the exception propagates, the
+delivery is rolled back (alone: the batcher re-applies the others of its batch) and answered
+5xx so Meta retries it (message ids and upserts make the retry safe).
 
 What each event does (``webhooks/channels/events.py`` defines them):
 
