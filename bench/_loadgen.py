@@ -258,6 +258,48 @@ def process_cpu_seconds(pid: int) -> float:
     return sum(int(fields[i]) for i in (11, 12, 13, 14)) / ticks
 
 
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """(command name, user + system CPU seconds) of every process now running (from /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        out[int(entry.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+    return out
+
+
+def cpu_groups(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], server_pid: int
+) -> dict[str, float]:
+    """CPU seconds spent between two ``cpu_by_process`` readings, by part of the machine.
+
+    Processes that started and ended between the readings are not seen; the ``machine`` total
+    from ``machine_busy_seconds`` still counts them.
+    """
+    groups = {"server": 0.0, "postgres": 0.0, "redis": 0.0, "load": 0.0, "other": 0.0}
+    for pid, (name, seconds) in after.items():
+        spent = seconds - before.get(pid, (name, 0.0))[1]
+        if pid == server_pid:
+            group = "server"
+        elif name.startswith("postgres"):
+            group = "postgres"
+        elif name.startswith("redis"):
+            group = "redis"
+        elif name.startswith("wrk") or name.startswith("loadgen"):
+            group = "load"
+        else:
+            group = "other"
+        groups[group] += max(0.0, spent)
+    return groups
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds spent busy on all cores since boot (from /proc/stat)."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]

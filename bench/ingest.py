@@ -76,12 +76,15 @@ class Measured:
     result: load.LoadResult
     server_cpu_ms: float  # server process CPU per request
     machine_cpu_ms: float  # whole machine busy CPU per request (server, Postgres, Redis, load)
+    parts_ms: dict[str, float]  # CPU per request by part (postgres, redis, load, other)
 
     def line(self) -> str:
         return (
             f"{self.label:17} {self.result.line()}\n"
             f"{'':17} cpu per request: server {self.server_cpu_ms:.2f} ms, "
-            f"whole machine {self.machine_cpu_ms:.2f} ms"
+            f"whole machine {self.machine_cpu_ms:.2f} ms ("
+            + ", ".join(f"{k} {v:.2f}" for k, v in self.parts_ms.items() if k != "server")
+            + ")"
         )
 
 
@@ -214,14 +217,22 @@ class Runner:
     def measure(self, label: str, child: Child, url: str, warm: Path, bodies: Path) -> Measured:
         if self.warmup > 0:
             self.run(child, url, warm, self.warmup)
+        procs0 = load.cpu_by_process()
         cpu0, busy0 = load.process_cpu_seconds(child.pid), load.machine_busy_seconds()
         result = self.run(child, url, bodies, self.seconds)
         cpu1, busy1 = load.process_cpu_seconds(child.pid), load.machine_busy_seconds()
+        parts = load.cpu_groups(procs0, load.cpu_by_process(), child.pid)
         if not child.alive():
             raise RuntimeError(f"{child.name} exited:\n{child.tail()}")
         n = max(1, result.requests)
         print(f"  {label}: {result.line()}  (load {loadavg()})", flush=True)
-        return Measured(label, result, (cpu1 - cpu0) * 1000 / n, (busy1 - busy0) * 1000 / n)
+        return Measured(
+            label,
+            result,
+            (cpu1 - cpu0) * 1000 / n,
+            (busy1 - busy0) * 1000 / n,
+            {k: v * 1000 / n for k, v in parts.items()},
+        )
 
 
 def start_baseline(cleanup: Cleanup, work: Path, bot: BenchBot, db_url: str) -> tuple[Child, str]:

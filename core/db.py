@@ -18,12 +18,15 @@ from core.config import get_settings
 
 
 @lru_cache(maxsize=4)
-def engine_for(url: str, pool_size: int = 8) -> Engine:
+def engine_for(url: str, pool_size: int = 8, *, pre_ping: bool = True) -> Engine:
+    """The process's engine for ``url``. ``pre_ping=False`` is for a caller that retries a
+    transaction whose connection turned out dead (the intake's writer): it saves a round trip
+    per checkout."""
     engine = create_engine(
         url,
         pool_size=pool_size,
         max_overflow=4,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_recycle=1800,
         connect_args={"connect_timeout": 5},
     )

@@ -14,9 +14,13 @@ done with :func:`complete` in the same transaction as its effects.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from functools import lru_cache
 from typing import Any, ParamSpec
 
 import structlog
@@ -85,26 +89,114 @@ def take_buffer(session: Session) -> list[tuple[str, int]]:
 def send_many(work: Sequence[tuple[str, int]]) -> int:
     """Ring the doorbells of committed jobs in one pipelined broker write; never raises (the
     relay sends what this cannot). Returns how many were handed to the broker."""
-    sent = 0
     if not work:
-        return sent
+        return 0
     try:
-        # kombu's publish batch pipelines the broker writes: one round trip for the batch.
-        with celery_app.producer_or_acquire() as producer, producer.batch():
-            for task, job_id in work:
-                celery_app.send_task(
-                    task,
-                    kwargs={"job_id": job_id},
-                    retry=False,
-                    producer=producer,
-                    # Given, so Celery does not build them with its (slow) safe repr.
-                    argsrepr="()",
-                    kwargsrepr=f"{{'job_id': {job_id}}}",
-                )
-                sent += 1
+        _doorbells().ring(work)
     except Exception as exc:  # noqa: BLE001  # any broker failure is recovered by the relay
-        log.warning("jobs.enqueue_failed", jobs=len(work) - sent, error=type(exc).__name__)
-    return sent
+        log.warning("jobs.enqueue_failed", jobs=len(work), error=type(exc).__name__)
+        return 0
+    return len(work)
+
+
+class Doorbells:
+    """Celery task messages for job ids, written straight to the broker's queue lists.
+
+    Celery's ``send_task`` spends most of its time on options, routing and kombu objects that
+    are the same for every doorbell (about 0.1 ms of the API's CPU per message, a third of the
+    intake's). A doorbell is always the same message, a task name with ``job_id`` as its only
+    argument, so this builds Celery's message protocol 2 (the headers, properties and body
+    ``send_task`` writes; a test compares the two) for the queue Celery's router picks and
+    pushes a batch onto the queue lists in one pipelined write, as kombu's Redis transport
+    would (``LPUSH`` of the JSON envelope; priorities are off, so the list is the queue name).
+    Countdowns, retries and other options still go through ``send_task`` (:func:`send_now`).
+    """
+
+    def __init__(self, redis_url: str, prefix: str = "") -> None:
+        import redis
+
+        url = redis_url.replace("redis+socket://", "unix://", 1)
+        self._client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+        self._prefix = prefix
+        self._keys: dict[str, str] = {}
+        self._origin = ""
+        self._pid = 0
+
+    def _key(self, task: str) -> str:
+        key = self._keys.get(task)
+        if key is None:
+            queue = celery_app.amqp.router.route({}, task)["queue"].name
+            key = self._keys[task] = self._prefix + queue
+        return key
+
+    def envelope(self, task: str, job_id: int) -> tuple[str, str]:
+        """(queue list key, JSON envelope) of the doorbell for ``job_id``."""
+        from celery.utils.nodenames import anon_nodename
+
+        if self._pid != os.getpid():  # the origin names the process, as Celery's does
+            self._pid, self._origin = os.getpid(), anon_nodename()
+        key = self._key(task)
+        task_id = str(uuid.uuid4())
+        body = f'[[], {{"job_id": {int(job_id)}}}, {_EMBED}]'.encode()
+        kwargsrepr = f"{{'job_id': {int(job_id)}}}"
+        message = {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {
+                "lang": "py",
+                "task": task,
+                "id": task_id,
+                "shadow": None,
+                "eta": None,
+                "expires": None,
+                "group": None,
+                "group_index": None,
+                "retries": 0,
+                "timelimit": [None, None],
+                "root_id": task_id,
+                "parent_id": None,
+                "argsrepr": "()",
+                "kwargsrepr": kwargsrepr,
+                "origin": self._origin,
+                "ignore_result": None,
+                "replaced_task_nesting": 0,
+                "stamped_headers": None,
+                "stamps": {},
+            },
+            "properties": {
+                "correlation_id": task_id,
+                "reply_to": celery_app.thread_oid,
+                "argsrepr": "()",
+                "kwargsrepr": kwargsrepr,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": key[len(self._prefix) :]},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+        return key, json.dumps(message)
+
+    def ring(self, work: Sequence[tuple[str, int]]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for task, job_id in work:
+            key, message = self.envelope(task, job_id)
+            pipe.lpush(key, message)
+        pipe.execute()
+
+
+_EMBED = '{"callbacks": null, "errbacks": null, "chain": null, "chord": null}'
+
+
+@lru_cache(maxsize=4)
+def _doorbells_for(redis_url: str, prefix: str) -> Doorbells:
+    return Doorbells(redis_url, prefix)
+
+
+def _doorbells() -> Doorbells:
+    settings = get_settings()
+    return _doorbells_for(settings.require_redis_url(), settings.redis_prefix)
 
 
 def send_now(task: str, job_id: int, countdown: float | None = None) -> bool:
@@ -118,8 +210,7 @@ def send_now(task: str, job_id: int, countdown: float | None = None) -> bool:
 
 
 def flush_after_commit(session: Session) -> None:
-    for task, job_id in session.info.pop(_BUFFER_KEY, []):
-        send_now(task, job_id)
+    send_many(session.info.pop(_BUFFER_KEY, []))
 
 
 def drop_buffer(session: Session) -> None:

@@ -31,7 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import jobs
@@ -40,6 +40,7 @@ from webhooks import service
 from webhooks.directory import Directory
 
 log = structlog.get_logger()
+Job = tuple[str, int]  # (task name, outbox job id): a doorbell to ring after the commit
 
 # Errors that say Postgres cannot be reached: retrying each delivery alone would only wait again.
 UNREACHABLE = (OperationalError, InterfaceError)
@@ -166,13 +167,22 @@ class IntakeBatcher:
             if live:
                 self._commit(live)
 
+    def _apply(self, batch: list[_Request]) -> tuple[list[service.IntakeResult], list[Job]]:
+        with session_scope(self.factory) as session:
+            results = service.apply_deliveries(session, [r.delivery for r in batch], self.directory)
+            return results, jobs.take_buffer(session)
+
     def _commit(self, batch: list[_Request]) -> None:
         try:
-            with session_scope(self.factory) as session:
-                results = service.apply_deliveries(
-                    session, [r.delivery for r in batch], self.directory
-                )
-                doorbells = jobs.take_buffer(session)
+            try:
+                results, doorbells = self._apply(batch)
+            except DBAPIError as exc:
+                if not exc.connection_invalidated:
+                    raise
+                # The writer's connection had died (Postgres restarted): it is not pinged
+                # before each batch, so the batch is applied again once on a new connection.
+                log.warning("webhooks.batch_reconnected", deliveries=len(batch))
+                results, doorbells = self._apply(batch)
         except UNREACHABLE as exc:
             log.error("webhooks.batch_failed", deliveries=len(batch), error=type(exc).__name__)
             for request in batch:

@@ -10,13 +10,14 @@ from typing import Annotated
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from core.config import Settings
-from core.db import session_scope
+from core.db import engine_for, make_sessionmaker, session_scope
 from core.errors import (
     AppError,
     BadRequest,
@@ -128,7 +129,7 @@ def intake_for(app: FastAPI) -> Intake:
             intake = Intake(
                 directory,
                 IntakeBatcher(
-                    factory,
+                    _writer_factory(factory),
                     directory,
                     max_requests=settings.intake_batch_max,
                     max_wait=settings.intake_batch_wait,
@@ -136,6 +137,17 @@ def intake_for(app: FastAPI) -> Intake:
             )
             app.state.intake = intake
         return intake
+
+
+def _writer_factory(factory: sessionmaker[Session]) -> sessionmaker[Session]:
+    """The writer's sessions: its own connection without a ping at each checkout (the batcher
+    retries a batch whose connection turned out dead), or ``factory`` itself when that is bound
+    to something other than an engine (a test's connection)."""
+    bind = factory.kw.get("bind")
+    if not isinstance(bind, Engine):
+        return factory
+    url = bind.url.render_as_string(hide_password=False)
+    return make_sessionmaker(engine_for(url, pool_size=1, pre_ping=False))
 
 
 # Bodies above this are parsed on a worker thread rather than on the event loop.

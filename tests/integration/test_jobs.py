@@ -224,3 +224,59 @@ def test_a_prepare_step_that_defers_spends_no_attempt(
     row = db.get(OutboxJob, job.id)
     assert row is not None and row.attempts == 0 and row.state == "pending"
     assert row.available_at > utcnow()
+
+
+def _normalized(raw: bytes) -> dict[str, object]:
+    """A queued Celery message with its per-message ids replaced by their roles."""
+    message = json.loads(raw)
+    task_id = message["headers"]["id"]
+    assert message["headers"]["root_id"] == message["properties"]["correlation_id"] == task_id
+    for part, field in (
+        ("headers", "id"),
+        ("headers", "root_id"),
+        ("properties", "correlation_id"),
+        ("properties", "delivery_tag"),
+    ):
+        message[part][field] = field
+    message["body"] = json.loads(base64.b64decode(message["body"]))
+    return dict(message)
+
+
+@pytest.mark.parametrize(
+    ("task", "queue"), [("bots.reply", "conversations"), ("webhooks.send", "send")]
+)
+def test_doorbells_are_the_messages_celery_itself_sends(
+    redis_client: redis.Redis, task: str, queue: str
+) -> None:
+    from core.celery_app import celery_app
+
+    key = _queue(queue)
+    redis_client.delete(key)
+    celery_app.send_task(
+        task, kwargs={"job_id": 4321}, retry=False, argsrepr="()", kwargsrepr="{'job_id': 4321}"
+    )
+    assert jobs.send_many([(task, 4321)]) == 1
+    ours, celerys = redis_client.lrange(key, 0, -1)  # LPUSH: the newest first
+    redis_client.delete(key)
+    assert _normalized(ours) == _normalized(celerys)
+    assert json.loads(ours)["headers"]["id"] != json.loads(celerys)["headers"]["id"]
+
+
+def test_doorbells_go_out_in_one_write_per_batch(redis_client: redis.Redis) -> None:
+    key = _queue()
+    redis_client.delete(key)
+    assert jobs.send_many([("bots.reply", 1), ("webhooks.send", 2), ("bots.reply", 3)]) == 3
+    assert _task_ids(redis_client, key) == [3, 1]
+    assert _task_ids(redis_client, _queue("send"))[0] == 2
+    redis_client.delete(key)
+
+
+def test_doorbells_report_a_broker_that_is_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.support.processes import free_port
+
+    jobs._doorbells_for.cache_clear()
+    monkeypatch.setattr(get_settings(), "redis_url", f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        assert jobs.send_many([("bots.reply", 1)]) == 0
+    finally:
+        jobs._doorbells_for.cache_clear()

@@ -16,7 +16,7 @@ from core.models import Conversation, Message, OutboundChunk, utcnow
 from tests.support import databases
 from tests.support.factories import WhatsAppBot, create_whatsapp_bot
 from webhooks import repository, service, simulator
-from webhooks.batcher import IntakeBatcher
+from webhooks.batcher import BatcherStats, IntakeBatcher
 from webhooks.channels.events import StatusUpdate
 from webhooks.directory import Directory
 
@@ -227,6 +227,41 @@ def test_concurrent_requests_share_one_commit_and_each_waits_for_it(
             select(OutboundChunk.delivery).where(OutboundChunk.message_id == message_id)
         ).scalars()
         assert set(delivered) == {"delivered"}
+
+
+def test_the_writer_reconnects_when_its_connection_died(live_engine: Engine) -> None:
+    """The writer's engine does not ping at checkout; a dead connection costs one re-apply."""
+    writer = create_engine(live_engine.url, pool_size=1, max_overflow=0, pool_pre_ping=False)
+    factory = sessionmaker(bind=writer, expire_on_commit=False)
+    with factory() as session:
+        bot = create_whatsapp_bot(session)
+        session.commit()
+        app = repository.meta_apps(session)[-1]
+        conversation_id = _seed_conversation(session, bot)
+        message_id = _outbound(session, conversation_id, 1)
+    batcher = IntakeBatcher(factory, Directory(factory))
+
+    def deliver(status: str) -> service.IntakeResult:
+        update = StatusUpdate(
+            "whatsapp", bot.phone_number_id, f"wamid.{message_id}.0", status, datetime.now(UTC)
+        )
+        return batcher.apply(service.Delivery("whatsapp", app, [update]))
+
+    try:
+        assert deliver("delivered").statuses == 1
+        with writer.connect() as conn:  # the writer's one pooled connection
+            backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        with live_engine.connect() as conn:
+            assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(backend)})").scalar()
+        assert deliver("read").statuses == 1
+        assert batcher.stats() == BatcherStats(batches=2, requests=2, largest=1, retried=0)
+        with factory() as session:
+            delivered = session.execute(
+                select(OutboundChunk.delivery).where(OutboundChunk.message_id == message_id)
+            ).scalars()
+            assert set(delivered) == {"read"}
+    finally:
+        writer.dispose()
 
 
 def test_a_failed_batch_fails_every_request_in_it() -> None:
