@@ -8,7 +8,15 @@ deliveries pile up while the previous batch commits, and an idle system should n
 at most ``max_requests``; applies them in arrival order in one transaction
 (:func:`webhooks.service.apply_deliveries`: a few statements for a whole run of messages and
 statuses) and commits. The request waits for its batch's commit, so Meta gets its 200 only once
-the delivery is durable. The doorbells of the jobs the batch created are then rung by a second
+the delivery is durable.
+
+With ``overlap`` (the API's own engine), a third thread commits: while one batch's commit waits
+for Postgres's WAL flush, the writer applies the next batch in a second transaction (at most one
+more waits, applied, behind the commit). Rows two batches share keep their order: the later
+batch's statements on them wait for the earlier batch's row locks, so for one conversation
+(whose row every inbound message updates) batches commit in arrival order.
+
+The doorbells of the jobs a batch created are then rung by another
 thread (``core.jobs.send_many``: one pipelined broker write), so the next batch does not wait for
 the broker. A crash between the commit and the doorbell loses nothing: the relay sends jobs
 whose task never ran.
@@ -17,7 +25,9 @@ If a batch of several deliveries fails, it is applied again delivery by delivery
 own transaction and without the route cache, so one bad delivery fails alone (its request
 answers 5xx and Meta retries it) and the others are acknowledged. A batch of one fails at once
 (the cached routes are dropped first, so Meta's retry reads them afresh); so does every request
-of a batch when Postgres itself is unreachable.
+of a batch when Postgres itself is unreachable. A failed commit is handled the same way.
+
+Totals of what was received are logged as ``webhooks.received`` at most once a second.
 
 The writer thread exits after ``idle_exit`` seconds without work and restarts on demand.
 """
@@ -52,6 +62,16 @@ class _Request:
     done: Future[service.IntakeResult]
 
 
+@dataclass
+class _Staged:
+    """A batch applied in a transaction that is still open."""
+
+    batch: list[_Request]
+    session: Session
+    results: list[service.IntakeResult]
+    doorbells: list[Job]
+
+
 @dataclass(frozen=True)
 class BatcherStats:
     batches: int  # transactions committed
@@ -69,8 +89,12 @@ class IntakeBatcher:
         max_requests: int = 50,
         max_wait: float = 0.0,
         idle_exit: float = 30.0,
+        overlap: bool = False,
+        log_every: float = 1.0,
     ) -> None:
         self.factory = factory
+        self.overlap = overlap
+        self.log_every = log_every
         self.directory = directory
         self.max_requests = max(1, max_requests)
         self.max_wait = max(0.0, max_wait)
@@ -80,6 +104,13 @@ class IntakeBatcher:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ringer: threading.Thread | None = None
+        self._committer: threading.Thread | None = None
+        # One batch committing, one applied and waiting: the writer applies a third meanwhile.
+        self._committing: queue.Queue[_Staged] = queue.Queue(maxsize=1)
+        self._received: dict[str, int] = {}
+        self._received_channels: set[str] = set()
+        self._received_deliveries = 0
+        self._logged_at = float("-inf")  # the first batch after a quiet spell is logged at once
         self._batches = 0
         self._requests = 0
         self._largest = 0
@@ -101,6 +132,32 @@ class IntakeBatcher:
     def stats(self) -> BatcherStats:
         with self._lock:
             return BatcherStats(self._batches, self._requests, self._largest, self._retried)
+
+    def _count(self, batch: list[_Request], results: list[service.IntakeResult]) -> None:
+        """Add to the ``webhooks.received`` totals, logged at most every ``log_every`` seconds
+        (a line per batch cost the writer about a tenth of its time)."""
+        with self._lock:
+            for result in results:
+                for key, value in result.as_json().items():
+                    self._received[key] = self._received.get(key, 0) + value
+            self._received_channels.update(r.delivery.channel for r in batch)
+            self._received_deliveries += len(batch)
+            now = time.monotonic()
+            if now - self._logged_at < self.log_every:
+                return
+            totals, channels = self._received, sorted(self._received_channels)
+            deliveries = self._received_deliveries
+            self._received, self._received_channels, self._received_deliveries = {}, set(), 0
+            self._logged_at = now
+        log.info("webhooks.received", deliveries=deliveries, channels=channels, **totals)
+
+    def flush_log(self) -> None:
+        """Log the totals not logged yet (at shutdown, or before a test reads the log)."""
+        with self._lock:
+            if not self._received_deliveries:
+                return
+            self._logged_at = float("-inf")
+        self._count([], [])
 
     def _ensure_thread(self) -> None:
         with self._lock:
@@ -141,10 +198,14 @@ class IntakeBatcher:
             jobs.send_many(work)
 
     def _run(self) -> None:
+        idle_since = time.monotonic()
         while True:
             try:
-                first = self._queue.get(timeout=self.idle_exit)
+                first = self._queue.get(timeout=min(self.idle_exit, self.log_every))
             except queue.Empty:
+                self.flush_log()  # totals counted since the last line, now that it is quiet
+                if time.monotonic() - idle_since < self.idle_exit:
+                    continue
                 with self._lock:
                     if self._queue.empty():
                         self._thread = None
@@ -166,48 +227,105 @@ class IntakeBatcher:
             live = [r for r in batch if r.done.set_running_or_notify_cancel()]
             if live:
                 self._commit(live)
+            idle_since = time.monotonic()
 
-    def _apply(self, batch: list[_Request]) -> tuple[list[service.IntakeResult], list[Job]]:
-        with session_scope(self.factory) as session:
-            results = service.apply_deliveries(session, [r.delivery for r in batch], self.directory)
-            return results, jobs.take_buffer(session)
-
-    def _commit(self, batch: list[_Request]) -> None:
-        try:
+    def _open(self, batch: list[_Request]) -> _Staged:
+        """Apply ``batch`` in a new transaction, left open for :meth:`_finish` to commit."""
+        for attempt in (1, 2):
+            session = self.factory()
             try:
-                results, doorbells = self._apply(batch)
+                results = service.apply_deliveries(
+                    session, [r.delivery for r in batch], self.directory
+                )
+                return _Staged(batch, session, results, jobs.take_buffer(session))
             except DBAPIError as exc:
-                if not exc.connection_invalidated:
+                session.rollback()
+                session.close()
+                if attempt == 2 or not exc.connection_invalidated:
                     raise
                 # The writer's connection had died (Postgres restarted): it is not pinged
                 # before each batch, so the batch is applied again once on a new connection.
                 log.warning("webhooks.batch_reconnected", deliveries=len(batch))
-                results, doorbells = self._apply(batch)
-        except UNREACHABLE as exc:
-            log.error("webhooks.batch_failed", deliveries=len(batch), error=type(exc).__name__)
-            for request in batch:
-                request.done.set_exception(exc)
+            except BaseException:
+                session.rollback()
+                session.close()
+                raise
+        raise AssertionError("unreachable")  # the second attempt returned or raised
+
+    def _commit(self, batch: list[_Request]) -> None:
+        """Apply ``batch``, then commit it here or, when commits overlap, on the committer."""
+        try:
+            staged = self._open(batch)
+        except Exception as exc:  # noqa: BLE001  # answered by _failed, request by request
+            self._failed(batch, exc)
             return
-        except Exception as exc:  # noqa: BLE001  # isolated below: each delivery on its own
-            self.directory.forget()  # a cached route or conversation may be what failed
-            if len(batch) == 1:
-                log.error("webhooks.delivery_failed", error=type(exc).__name__)
-                batch[0].done.set_exception(exc)
-                return
-            log.warning("webhooks.batch_retried", deliveries=len(batch), error=type(exc).__name__)
-            with self._lock:
-                self._retried += 1
-            for request in batch:
-                self._commit_alone(request)
+        if self.overlap:
+            self._ensure_committer()
+            self._committing.put(staged)  # waits while a commit is in flight and one queued
+        else:
+            self._finish(staged)
+
+    def _finish(self, staged: _Staged) -> None:
+        batch = staged.batch
+        try:
+            try:
+                staged.session.commit()
+            except BaseException:
+                staged.session.rollback()
+                raise
+            finally:
+                staged.session.close()
+        except Exception as exc:  # noqa: BLE001  # answered by _failed, request by request
+            self._failed(batch, exc)
             return
         with self._lock:
             self._batches += 1
             self._requests += len(batch)
             self._largest = max(self._largest, len(batch))
-        for request, result in zip(batch, results, strict=True):
+        for request, result in zip(batch, staged.results, strict=True):
             request.done.set_result(result)
-        self._ring(doorbells)
-        _log_batch(batch, results)
+        self._ring(staged.doorbells)
+        self._count(batch, staged.results)
+
+    def _failed(self, batch: list[_Request], exc: Exception) -> None:
+        """A batch that could not be applied or committed: every request hears why, or (when
+        Postgres is reachable) each delivery is applied again on its own. Re-applying is safe:
+        message ids and upserts make intake idempotent, and nothing was acknowledged."""
+        if isinstance(exc, UNREACHABLE):
+            log.error("webhooks.batch_failed", deliveries=len(batch), error=type(exc).__name__)
+            for request in batch:
+                request.done.set_exception(exc)
+            return
+        self.directory.forget()  # a cached route or conversation may be what failed
+        if len(batch) == 1:
+            log.error("webhooks.delivery_failed", error=type(exc).__name__)
+            batch[0].done.set_exception(exc)
+            return
+        log.warning("webhooks.batch_retried", deliveries=len(batch), error=type(exc).__name__)
+        with self._lock:
+            self._retried += 1
+        for request in batch:
+            self._commit_alone(request)
+
+    def _ensure_committer(self) -> None:
+        with self._lock:
+            if self._committer is None:
+                self._committer = threading.Thread(
+                    target=self._run_committer, name="intake-committer", daemon=True
+                )
+                self._committer.start()
+
+    def _run_committer(self) -> None:
+        while True:
+            try:
+                staged = self._committing.get(timeout=self.idle_exit)
+            except queue.Empty:
+                with self._lock:
+                    if self._committing.empty():
+                        self._committer = None
+                        return
+                continue
+            self._finish(staged)
 
     def _commit_alone(self, request: _Request) -> None:
         delivery = request.delivery
@@ -229,13 +347,4 @@ class IntakeBatcher:
             self._largest = max(self._largest, 1)
         request.done.set_result(result)
         self._ring(doorbells)
-        _log_batch([request], [result])
-
-
-def _log_batch(batch: list[_Request], results: list[service.IntakeResult]) -> None:
-    totals: dict[str, int] = {}
-    for result in results:
-        for key, value in result.as_json().items():
-            totals[key] = totals.get(key, 0) + value
-    channels = sorted({r.delivery.channel for r in batch})
-    log.info("webhooks.received", deliveries=len(batch), channels=channels, **totals)
+        self._count([request], [result])

@@ -126,28 +126,31 @@ def intake_for(app: FastAPI) -> Intake:
             settings: Settings = app.state.settings
             factory: sessionmaker[Session] = app.state.sessionmaker
             directory = Directory(factory, ttl=settings.routing_cache_seconds)
+            writer = _writer_factory(factory)
             intake = Intake(
                 directory,
                 IntakeBatcher(
-                    _writer_factory(factory),
+                    writer or factory,
                     directory,
                     max_requests=settings.intake_batch_max,
                     max_wait=settings.intake_batch_wait,
+                    overlap=writer is not None,
                 ),
             )
             app.state.intake = intake
         return intake
 
 
-def _writer_factory(factory: sessionmaker[Session]) -> sessionmaker[Session]:
-    """The writer's sessions: its own connection without a ping at each checkout (the batcher
-    retries a batch whose connection turned out dead), or ``factory`` itself when that is bound
-    to something other than an engine (a test's connection)."""
+def _writer_factory(factory: sessionmaker[Session]) -> sessionmaker[Session] | None:
+    """The writer's own sessions, for an app bound to an engine: three connections (one batch
+    committing, one waiting to, one being applied) without a ping at each checkout (the
+    batcher re-applies a batch whose connection turned out dead). None for an app bound to
+    one connection (a test's), whose batches are applied and committed one at a time."""
     bind = factory.kw.get("bind")
     if not isinstance(bind, Engine):
-        return factory
+        return None
     url = bind.url.render_as_string(hide_password=False)
-    return make_sessionmaker(engine_for(url, pool_size=1, pre_ping=False))
+    return make_sessionmaker(engine_for(url, pool_size=3, pre_ping=False))
 
 
 # Bodies above this are parsed on a worker thread rather than on the event loop.

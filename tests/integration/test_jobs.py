@@ -226,7 +226,7 @@ def test_a_prepare_step_that_defers_spends_no_attempt(
     assert row.available_at > utcnow()
 
 
-def _normalized(raw: bytes) -> dict[str, object]:
+def _normalized(raw: bytes | str) -> dict[str, object]:
     """A queued Celery message with its per-message ids replaced by their roles."""
     message = json.loads(raw)
     task_id = message["headers"]["id"]

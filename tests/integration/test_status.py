@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -179,8 +180,9 @@ def live_engine(template_db: str) -> Iterator[Engine]:
     databases.drop_database(name)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 def test_concurrent_requests_share_one_commit_and_each_waits_for_it(
-    live_engine: Engine,
+    live_engine: Engine, overlap: bool
 ) -> None:
     factory = sessionmaker(bind=live_engine, expire_on_commit=False)
     with factory() as session:
@@ -195,7 +197,9 @@ def test_concurrent_requests_share_one_commit_and_each_waits_for_it(
         commits.append(1)
 
     event.listen(live_engine, "commit", count)
-    batcher = IntakeBatcher(factory, Directory(factory), max_requests=50, max_wait=0.3)
+    batcher = IntakeBatcher(
+        factory, Directory(factory), max_requests=50, max_wait=0.3, overlap=overlap
+    )
     results: list[service.IntakeResult] = []
     start = threading.Barrier(20)
 
@@ -262,6 +266,68 @@ def test_the_writer_reconnects_when_its_connection_died(live_engine: Engine) -> 
             assert set(delivered) == {"read"}
     finally:
         writer.dispose()
+
+
+def test_with_overlapping_commits_a_bad_delivery_still_fails_alone(
+    live_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    factory = sessionmaker(bind=live_engine, expire_on_commit=False)
+    with factory() as session:
+        bot = create_whatsapp_bot(session)
+        session.commit()
+        app = repository.meta_apps(session)[-1]
+        conversation_id = _seed_conversation(session, bot)
+        message_id = _outbound(session, conversation_id, 6)
+    original = repository.apply_statuses
+
+    def breaks_on_bad(session: Session, statuses: Any, *, now: datetime) -> int:
+        if any(s.status.message_id == "wamid.BAD" for s in statuses):
+            raise RuntimeError("boom")
+        return original(session, statuses, now=now)
+
+    monkeypatch.setattr(repository, "apply_statuses", breaks_on_bad)
+    batcher = IntakeBatcher(
+        factory, Directory(factory), max_requests=50, max_wait=0.3, overlap=True
+    )
+
+    def delivery(wamid: str) -> service.Delivery:
+        update = StatusUpdate(
+            "whatsapp", bot.phone_number_id, wamid, "delivered", datetime.now(UTC)
+        )
+        return service.Delivery("whatsapp", app, [update])
+
+    wamids = [f"wamid.{message_id}.{i}" for i in range(6)]
+    futures = [batcher.submit(delivery(w)) for w in [*wamids[:3], "wamid.BAD", *wamids[3:]]]
+    bad = futures.pop(3)
+    assert [f.result(timeout=10).statuses for f in futures] == [1] * 6
+    with pytest.raises(RuntimeError, match="boom"):
+        bad.result(timeout=10)
+    assert batcher.stats().retried >= 1
+    with factory() as session:
+        delivered = session.execute(
+            select(OutboundChunk.delivery).where(OutboundChunk.message_id == message_id)
+        ).scalars()
+        assert set(delivered) == {"delivered"}
+
+
+def test_received_totals_are_logged_once_per_interval(live_engine: Engine) -> None:
+    from structlog.testing import capture_logs
+
+    factory = sessionmaker(bind=live_engine, expire_on_commit=False)
+    with factory() as session:
+        bot = create_whatsapp_bot(session)
+        session.commit()
+        app = repository.meta_apps(session)[-1]
+    batcher = IntakeBatcher(factory, Directory(factory), log_every=3600)
+    unknown = StatusUpdate("whatsapp", bot.phone_number_id, "wamid.NONE", "read", datetime.now(UTC))
+    with capture_logs() as logs:
+        for _ in range(3):
+            batcher.apply(service.Delivery("whatsapp", app, [unknown]))
+        batcher.flush_log()
+        batcher.flush_log()  # nothing new: no line
+    lines = [e for e in logs if e["event"] == "webhooks.received"]
+    # The first batch at once, the other two together when flushed.
+    assert [(e["deliveries"], e["statuses"]) for e in lines] == [(1, 1), (2, 2)]
 
 
 def test_a_failed_batch_fails_every_request_in_it() -> None:
