@@ -230,6 +230,37 @@ def chat(
     run_chat(session, lines(), typer.echo)  # type: ignore[arg-type]  # generator of str
 
 
+@app.command("test")
+def run_conversations(
+    file: Annotated[Path, typer.Argument(help="conversations YAML file")],
+    bots_file: Annotated[
+        Path | None,
+        typer.Option("--bots", help="bots YAML to test (default: the database's bots)"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed (replies at temperature 0)")] = 42,
+) -> None:
+    """Run scripted conversations through the real intake, pipeline and model, and check each
+    turn (outcome, reply regex, notices, moderation reasons, mode, opt-out). Nothing is kept in
+    the database. Exit 0 when every turn passes, 1 when one fails, 2 for an invalid file, 3
+    when the database or the model cannot be reached."""
+    from core.logging import configure_logging
+    from parley import scenarios
+
+    settings = get_settings()
+    # The turn lines are the output; the pipeline's INFO events would drown them.
+    level = settings.log_level if "log_level" in settings.model_fields_set else "WARNING"
+    configure_logging(level, settings.log_format)
+    code = scenarios.main(
+        file,
+        bots_path=bots_file,
+        seed=seed,
+        out=typer.echo,
+        err=lambda line: typer.echo(line, err=True),
+        environ=os.environ,
+    )
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app(prog_name="parley")
 
