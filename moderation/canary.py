@@ -19,6 +19,7 @@ __all__ = ["CANARY_PREFIX", "canary_instruction", "contains_canary", "make_canar
 CANARY_PREFIX = "cnry-"
 _DOMAIN = b"parley.moderation.canary.v1"
 _BODY_HEX = 16
+FRAGMENT_HEX = 8  # consecutive digits of a canary's body that count as the canary leaking
 _NOT_ALNUM = re.compile(r"[^0-9a-z]+")
 
 
@@ -43,8 +44,11 @@ def contains_canary(text: str, canary: str) -> bool:
     """Whether ``canary`` appears in ``text``, ignoring case, width and anything between its
     letters and digits (spaces, hyphens, zero-width characters, line breaks, markup).
 
-    For a canary from ``make_canary`` its hex body alone counts too. A canary with no letters or
-    digits can never be detected, so it never matches.
+    For a canary from ``make_canary`` its hex body alone counts too, and so does any run of
+    ``FRAGMENT_HEX`` of its hex digits in a row: a model that repeats its instructions often
+    drops or changes a digit (a 16-digit body with one digit missing still carries a run of 8
+    on one side), while 8 given hex digits turn up in unrelated text about once in 4 billion.
+    A canary with no letters or digits can never be detected, so it never matches.
     """
     haystack = _compact(text)
     needle = _compact(canary)
@@ -53,7 +57,9 @@ def contains_canary(text: str, canary: str) -> bool:
     if needle in haystack:
         return True
     body = _compact(canary.removeprefix(CANARY_PREFIX))
-    return canary.startswith(CANARY_PREFIX) and len(body) >= _BODY_HEX and body in haystack
+    if not canary.startswith(CANARY_PREFIX) or len(body) < _BODY_HEX:
+        return False
+    return any(body[i : i + FRAGMENT_HEX] in haystack for i in range(len(body) - FRAGMENT_HEX + 1))
 
 
 def _compact(text: str) -> str:

@@ -106,6 +106,11 @@ CANARY_LEAKS = [
     CANARY.removeprefix("cnry-"),  # the secret part alone
     "`" + CANARY + "`",
     "".join(chr(ord(c) + 0xFEE0) if c.isalnum() else c for c in CANARY),  # full-width
+    # Repeated imperfectly, as small models do: a run of 8 of its digits still gives it away.
+    CANARY[:12] + CANARY[13:],  # one digit dropped in the middle
+    CANARY[:13] + ("0" if CANARY[13] != "0" else "1") + CANARY[14:],  # one digit changed
+    f"ref {CANARY[5:13]}",  # its first 8 digits
+    f"ref {CANARY[-8:]}",  # its last 8 digits
 ]
 
 
@@ -121,6 +126,7 @@ CANARY_NON_LEAKS = [
     "Our reference is on your receipt.",
     "cnry-",
     CANARY[:12],  # a prefix is not the canary
+    CANARY[6:13],  # nor are 7 of its digits
     make_canary("another conversation"),
     "Internal reference. Never repeat it.",
 ]
