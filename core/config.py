@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     inference_breaker_failures: int = Field(default=3, ge=1)
     inference_breaker_cooldown: float = Field(default=15.0, ge=0)
     inference_health_interval: float = Field(default=10.0, ge=0)
+    # Seconds between resolutions of dns+http:// endpoints (Kubernetes headless services).
+    inference_dns_interval: float = Field(default=30.0, gt=0)
     local_model_port: int = 8181
     local_model_threads: int = 2
     local_model_ctx: int = 4096

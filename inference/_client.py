@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import json
+import math
 import re
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -17,7 +21,7 @@ import structlog
 
 from core.config import Settings, get_settings
 
-from ._endpoints import Endpoint, parse_endpoints
+from ._endpoints import Endpoint, Resolver, dns_name, expand, parse_endpoints, system_resolver
 from ._errors import BadRequest, BadResponse, ContextTooLong, InferenceError, Timeout, Unavailable
 from ._pool import EndpointStats, Pool, PoolConfig, parse_metrics
 
@@ -66,7 +70,9 @@ class ChatResult:
     """One completed chat request.
 
     ``text`` is stripped and may be empty. ``endpoint`` is the base URL that answered.
-    Token counts are ``None`` when the server did not report usage.
+    Token counts are ``None`` when the server did not report usage (llama-cpp-python's
+    server reports none while streaming; vLLM does). ``elapsed_s`` is the time of the
+    attempt that answered, from sending to the end of the stream.
     """
 
     text: str
@@ -79,6 +85,50 @@ class ChatResult:
     elapsed_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    result: ChatResult
+    ttft_s: float | None
+    generation_s: float
+
+
+class _Deadline:
+    """Ends the read of one response at the call's deadline, even while a read blocks.
+
+    A timer shuts the socket down, which wakes the blocked read with an error; the caller
+    sees ``fired`` and raises ``Timeout``. The shutdown happens only while the response is
+    being read, never after ``disarm()``, so a connection back in the pool is never hit.
+    Transports without a socket (tests' ``MockTransport``) get the check between chunks only.
+    """
+
+    def __init__(self, response: httpx.Response, deadline: float) -> None:
+        self.fired = False
+        self._lock = threading.Lock()
+        self._armed = True
+        self._timer: threading.Timer | None = None
+        stream = response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if isinstance(sock, socket.socket) and math.isfinite(deadline):
+            self._sock = sock
+            self._timer = threading.Timer(max(deadline - time.monotonic(), 0), self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if not self._armed:
+                return
+            self.fired = True
+            with contextlib.suppress(OSError):  # already closed by the other side
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._armed = False
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 class InferenceClient:
     """Sends chat requests to a pool of servers, grouped by role.
 
@@ -87,6 +137,22 @@ class InferenceClient:
     removing a server moves only the conversations that hash to it. A server over its
     in-flight cap or reporting a long ``vllm:num_requests_waiting`` queue is passed over for
     the next in the same order. Without a key the configured order is used.
+
+    Discovery: a ``dns+http://NAME:PORT`` endpoint stands for every address ``NAME``
+    resolves to (``resolver``, default the system's; IPv4 addresses, else IPv6), each a
+    server with that entry's model, role and cap. Names are resolved when the client is
+    built and every ``PoolConfig.dns_interval`` seconds on the background thread, or now
+    with ``refresh()``; servers join and leave the rendezvous set as addresses do. A failed
+    resolution keeps the addresses of the last good one.
+
+    Streaming: requests go out with ``stream: true`` (usage asked for with
+    ``stream_options.include_usage``) and are read chunk by chunk, so the time to the first
+    token is measured and a request the caller gives up is really closed: when an exception
+    reaches the calling thread mid-request (Celery's ``SoftTimeLimitExceeded``,
+    ``KeyboardInterrupt``) or the call's ``timeout`` passes, the connection is closed, not
+    returned to the pool, and vLLM and llama.cpp abort the generation when they see it go.
+    A server that ignores ``stream`` and answers one JSON body is read as such; an endpoint
+    with ``stream=False`` is asked for one JSON body (still closed when abandoned).
 
     Failover: a request that never reached a server (connection refused, DNS failure,
     connect timeout) moves on to the next endpoint of the same role within the call. Once
@@ -98,11 +164,17 @@ class InferenceClient:
     ``breaker_cooldown`` seconds; then one request or active check probes it (half-open)
     and closes or reopens the breaker. Active checks run on a daemon thread every
     ``health_interval`` seconds, started by the first ``chat()`` (in the calling process,
-    so a forked worker starts its own). Counters, loads and breaker states are per process.
+    so a forked worker starts its own). Counters, timings, loads and breaker states are per
+    process; ``stats()`` reads them and ``inference.InferenceCollector`` exports them.
+
+    Logs: every line about a request carries its ``request_id`` and ``endpoint`` (``None``
+    before one is chosen), never prompt or reply text.
 
     Thread-safe; owns one connection pool, released by ``close()`` or leaving the ``with``
-    block. Proxy settings are not taken from the environment. ``pool`` defaults to the
-    ``PARLEY_INFERENCE_*`` settings; ``clock`` (monotonic seconds) times the breakers.
+    block. Proxy settings are not taken from the environment. ``timeout`` bounds one
+    ``chat()`` call in total (connecting, queueing and generating, failovers included);
+    ``pool`` defaults to the ``PARLEY_INFERENCE_*`` settings; ``clock`` (monotonic seconds)
+    times the breakers.
     """
 
     def __init__(
@@ -114,8 +186,12 @@ class InferenceClient:
         transport: httpx.BaseTransport | None = None,
         pool: PoolConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        resolver: Resolver = system_resolver,
     ) -> None:
-        self.endpoints: tuple[Endpoint, ...] = tuple(endpoints)
+        if timeout <= 0 or connect_timeout <= 0:
+            raise ValueError("timeout and connect_timeout must be > 0")
+        self._configured: tuple[Endpoint, ...] = tuple(endpoints)
+        self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._http = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
@@ -123,7 +199,12 @@ class InferenceClient:
             trust_env=False,
         )
         config = pool if pool is not None else PoolConfig.from_settings(get_settings())
-        self._pool = Pool(self.endpoints, config, clock)
+        self._resolver = resolver
+        self._resolved: dict[Endpoint, tuple[Endpoint, ...]] = {}
+        self._dns_errors: dict[Endpoint, str] = {}
+        self._refresh_lock = threading.Lock()
+        self._pool = Pool((), config, clock)
+        self.refresh()
         self._monitor_lock = threading.Lock()
         self._monitor: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -149,6 +230,46 @@ class InferenceClient:
             transport=transport,
             pool=PoolConfig.from_settings(settings),
         )
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        """The servers in the pool now: the configured ones, DNS entries expanded in place."""
+        return tuple(self._pool.members())
+
+    def refresh(self) -> tuple[Endpoint, ...]:
+        """Resolve the ``dns+http://`` endpoints now and apply the answer; returns
+        ``endpoints``. Never raises for a name that fails: it keeps its last addresses."""
+        with self._refresh_lock:
+            for entry in self._configured:
+                if not entry.discovered_by_dns:
+                    continue
+                host, port = dns_name(entry)
+                try:
+                    servers = tuple(expand(entry, self._resolver(host, port)))
+                except (OSError, UnicodeError) as exc:  # idna refuses some malformed names
+                    servers = self._resolved.get(entry, ())
+                    self._dns_errors[entry] = type(exc).__name__
+                    log.warning("inference.dns_failed", entry=entry.url, error=type(exc).__name__)
+                else:
+                    self._dns_errors.pop(entry, None)
+                    if not servers:
+                        self._dns_errors[entry] = "no addresses"
+                self._resolved[entry] = servers
+            members: list[Endpoint] = []
+            for entry in self._configured:
+                members.extend(
+                    self._resolved.get(entry, ()) if entry.discovered_by_dns else [entry]
+                )
+            joined, left = self._pool.set_members(members)
+        for endpoint in joined if self._has_dns else ():
+            log.info("inference.endpoint_joined", endpoint=endpoint.url, role=endpoint.role)
+        for endpoint in left:
+            log.info("inference.endpoint_left", endpoint=endpoint.url, role=endpoint.role)
+        return self.endpoints
+
+    @property
+    def _has_dns(self) -> bool:
+        return any(entry.discovered_by_dns for entry in self._configured)
 
     def close(self) -> None:
         """Stop the health checks and release the connections; the client is done after."""
@@ -181,6 +302,7 @@ class InferenceClient:
         request_id: str | None = None,
         conversation_key: str | int | None = None,
         cache_salt: str | None = None,
+        timeout: float | None = None,
     ) -> ChatResult:
         """Send OpenAI-style ``messages``; the server applies its chat template.
 
@@ -191,7 +313,10 @@ class InferenceClient:
         ``conversation_key`` (the conversation id) pins the conversation to one server.
         ``cache_salt`` (the tenant, e.g. the workspace id) goes out as vLLM's ``cache_salt``
         so tenants never share prefix-cache entries; servers without prefix caching ignore
-        it. Otherwise raises a subclass of ``InferenceError``; see the package docstring.
+        it. ``timeout`` (seconds, default the client's) bounds the whole call; when it
+        passes, the request is closed and ``Timeout`` raised. An exception raised in the
+        calling thread while the request runs closes the request and propagates unchanged.
+        Otherwise raises a subclass of ``InferenceError``; see the package docstring.
         """
         if request_id is None:
             request_id = uuid.uuid4().hex
@@ -199,67 +324,77 @@ class InferenceClient:
             _check_request_id(request_id)
         if cache_salt is not None and not cache_salt:
             raise ValueError("cache_salt must be a non-empty string")
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         key = None if conversation_key is None else str(conversation_key)
         order = self._pool.plan(role, key)
+        if not order and self._has_dns:
+            self.refresh()  # a name that did not resolve yet may resolve now
+            order = self._pool.plan(role, key)
         if not order:
             raise Unavailable(f"no inference endpoint with role {role!r}")
         self._start_monitor()
+        bound = log.bind(request_id=request_id, role=role)
         error: InferenceError | None = None
-        for position, index in enumerate(order):
-            endpoint = self.endpoints[index]
+        for position, endpoint in enumerate(order):
             model_name = endpoint.model or model or "default"
-            started = time.perf_counter()
-            self._pool.begin(index)
+            attempt = bound.bind(endpoint=endpoint.url, model=model_name)
+            started = time.monotonic()
+            ticket = self._pool.begin(endpoint)
             settled = False
             try:
                 try:
-                    response = self._http.post(
-                        endpoint.url + _CHAT_PATH,
-                        json=_request_body(messages, params, model_name, cache_salt),
-                        headers={"X-Request-Id": request_id},
+                    reply = self._attempt(
+                        endpoint,
+                        _request_body(
+                            messages, params, model_name, cache_salt, stream=endpoint.stream
+                        ),
+                        request_id=request_id,
+                        model=model_name,
+                        started=started,
+                        deadline=deadline,
                     )
-                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                except _NotSent as exc:
                     # The request never left this process, so another server may take it.
-                    error = _transport_error(exc, endpoint.url)
-                    self._pool.failed(index, server_fault=True)
+                    error = exc.error
+                    self._pool.failed(ticket, kind="connect", server_fault=True)
                     settled = True
-                    failover = position < len(order) - 1
-                    _log_error(error, endpoint, request_id, model_name, started, failover=failover)
-                    continue
-                except httpx.HTTPError as exc:
-                    error = _transport_error(exc, endpoint.url)
-                    self._pool.failed(index, server_fault=True)
-                    settled = True
-                    _log_error(error, endpoint, request_id, model_name, started, failover=False)
-                    raise error from exc
-                try:
-                    result, ttft = _read_response(
-                        response, endpoint, request_id, model_name, started
-                    )
+                    failover = position < len(order) - 1 and time.monotonic() < deadline
+                    _log_error(attempt, error, started, failover=failover)
+                    if failover:
+                        continue
+                    raise error from exc.__cause__
                 except InferenceError as exc:
-                    self._pool.failed(index, server_fault=not isinstance(exc, BadRequest))
+                    self._pool.failed(
+                        ticket, kind=_kind(exc), server_fault=not isinstance(exc, BadRequest)
+                    )
                     settled = True
-                    _log_error(exc, endpoint, request_id, model_name, started, failover=False)
+                    _log_error(attempt, exc, started, failover=False)
                     raise
                 self._pool.succeeded(
-                    index,
-                    prompt_tokens=result.prompt_tokens,
-                    completion_tokens=result.completion_tokens,
-                    elapsed_s=result.elapsed_s,
-                    ttft_s=ttft,
+                    ticket,
+                    prompt_tokens=reply.result.prompt_tokens,
+                    completion_tokens=reply.result.completion_tokens,
+                    ttft_s=reply.ttft_s,
+                    generation_s=reply.generation_s,
                 )
                 settled = True
             finally:
                 if not settled:
-                    # Interrupted (e.g. KeyboardInterrupt): nothing is known about the server.
-                    self._pool.failed(index, server_fault=False)
-            log.info(
+                    # The caller gave up (an exception from its own thread): the response
+                    # was closed on the way out, so the server sees the client go.
+                    self._pool.failed(ticket, kind="abandoned", server_fault=False)
+                    attempt.warning(
+                        "inference.abandoned",
+                        elapsed_s=round(time.monotonic() - started, 3),
+                    )
+            result = reply.result
+            attempt.info(
                 "inference.request",
-                endpoint=endpoint.url,
-                role=role,
-                request_id=request_id,
-                model=result.model,
+                served_model=result.model,
                 elapsed_s=round(result.elapsed_s, 3),
+                ttft_s=None if reply.ttft_s is None else round(reply.ttft_s, 3),
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
                 finish_reason=result.finish_reason,
@@ -269,15 +404,68 @@ class InferenceClient:
         assert error is not None  # the loop ran at least once and every pass failed over
         raise error
 
+    def _attempt(
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        *,
+        request_id: str,
+        model: str,
+        started: float,
+        deadline: float,
+    ) -> _Reply:
+        """One request to one server, read to its end or closed on the way out."""
+        remaining = max(deadline - started, 0.001)
+        timeout = httpx.Timeout(remaining, connect=min(self._connect_timeout, remaining))
+        request = self._http.build_request(
+            "POST",
+            endpoint.url + _CHAT_PATH,
+            json=body,
+            headers={
+                "X-Request-Id": request_id,
+                "Accept": "text/event-stream" if endpoint.stream else "application/json",
+            },
+            timeout=timeout,
+        )
+        try:
+            response = self._http.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _NotSent(_transport_error(exc, endpoint.url)) from exc
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, endpoint.url) from exc
+        guard = _Deadline(response, deadline)
+        try:
+            if not 200 <= response.status_code < 300:
+                response.read()
+                _raise_for_status(response, endpoint.url)
+            if response.headers.get("content-type", "").startswith("text/event-stream"):
+                return _read_stream(response, endpoint, request_id, model, started, deadline)
+            response.read()
+            return _read_json(response, endpoint, request_id, model, started)
+        except (httpx.HTTPError, InferenceError) as exc:
+            # A socket shut at the deadline surfaces as a broken or truncated stream.
+            if guard.fired:
+                raise _deadline_error(endpoint, deadline, started) from None
+            if isinstance(exc, InferenceError):
+                raise
+            if time.monotonic() >= deadline:
+                raise _deadline_error(endpoint, deadline, started) from None
+            raise _transport_error(exc, endpoint.url) from exc
+        finally:
+            guard.disarm()
+            # Unread body left: httpx closes the connection instead of pooling it.
+            response.close()
+
     def route(
         self, conversation_key: str | int | None = None, *, role: str = "chat"
     ) -> list[Endpoint]:
         """The endpoints a request would try now, in order (for status pages and tests)."""
         key = None if conversation_key is None else str(conversation_key)
-        return [self.endpoints[i] for i in self._pool.plan(role, key, count_spill=False)]
+        return self._pool.plan(role, key, count_spill=False)
 
     def stats(self) -> list[EndpointStats]:
-        """A snapshot of every endpoint's counters, load and breaker, in endpoint order."""
+        """A snapshot of every endpoint's counters, timings, load and breaker, in endpoint
+        order."""
         return self._pool.stats()
 
     def health(self, *, timeout: float = 2.0) -> list[tuple[Endpoint, bool, str]]:
@@ -286,18 +474,25 @@ class InferenceClient:
         Asks ``/health`` (vLLM) and, when that route does not exist, ``/v1/models``
         (llama.cpp's server); then, for a healthy server, ``/metrics`` for its load (not
         asked again once it answered 404). The results feed routing and the breakers, as
-        described on the class. Never raises; ``detail`` says what was seen.
+        described on the class. A ``dns+http://`` entry with no address is reported as
+        itself, unhealthy, with the resolution error. Never raises; ``detail`` says what
+        was seen.
         """
         short = httpx.Timeout(timeout, connect=min(timeout, self._connect_timeout))
         report: list[tuple[Endpoint, bool, str]] = []
-        for index, endpoint in enumerate(self.endpoints):
+        for endpoint in self._pool.members():
             healthy, detail = self._probe(endpoint, short)
             metrics: dict[str, list[float]] | None = None
             missing = False
-            if healthy and self._pool.wants_metrics(index):
+            if healthy and self._pool.wants_metrics(endpoint):
                 metrics, missing = self._read_metrics(endpoint, short)
-            self._pool.checked(index, healthy=healthy, metrics=metrics, missing=missing)
+            self._pool.checked(endpoint, healthy=healthy, metrics=metrics, missing=missing)
             report.append((endpoint, healthy, detail))
+        with self._refresh_lock:
+            empty = [e for e in self._configured if e.discovered_by_dns and not self._resolved[e]]
+            report.extend(
+                (e, False, f"dns: {self._dns_errors.get(e, 'no addresses')}") for e in empty
+            )
         return report
 
     def _probe(self, endpoint: Endpoint, timeout: httpx.Timeout) -> tuple[bool, str]:
@@ -333,29 +528,48 @@ class InferenceClient:
         return parse_metrics(response.text), False
 
     def _start_monitor(self) -> None:
-        interval = self._pool.config.health_interval
-        if interval <= 0 or self._stopped.is_set():
+        config = self._pool.config
+        if self._stopped.is_set() or (config.health_interval <= 0 and not self._has_dns):
             return
         with self._monitor_lock:
             # A forked child inherits the handle of a thread that does not run in it.
             if self._monitor is not None and self._monitor.is_alive():
                 return
             self._monitor = threading.Thread(
-                target=self._monitor_loop, args=(interval,), name="inference-health", daemon=True
+                target=self._monitor_loop, name="inference-health", daemon=True
             )
             self._monitor.start()
             # A client that lives as long as its process is never closed by its owner: stop
             # the checks and close their connections before the interpreter tears down.
             atexit.register(self.close)
 
-    def _monitor_loop(self, interval: float) -> None:
-        while not self._stopped.wait(interval):
+    def _monitor_loop(self) -> None:
+        config = self._pool.config
+        now = time.monotonic()
+        health_every = config.health_interval if config.health_interval > 0 else math.inf
+        dns_every = config.dns_interval if self._has_dns else math.inf
+        next_health, next_dns = now + health_every, now + dns_every
+        while not self._stopped.wait(max(min(next_health, next_dns) - time.monotonic(), 0)):
+            now = time.monotonic()
             try:
-                self.health()
+                if now >= next_dns:
+                    next_dns = now + dns_every
+                    self.refresh()
+                if now >= next_health:
+                    next_health = now + health_every
+                    self.health()
             except Exception as exc:  # the checks must outlive any one failure
                 if self._stopped.is_set():
                     return
                 log.warning("inference.health_failed", error=type(exc).__name__)
+
+
+class _NotSent(Exception):
+    """The request never reached the server: another one may take it."""
+
+    def __init__(self, error: InferenceError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 def _check_request_id(request_id: str) -> None:
@@ -370,6 +584,8 @@ def _request_body(
     params: GenerationParams,
     model: str,
     cache_salt: str | None = None,
+    *,
+    stream: bool = True,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model,
@@ -377,8 +593,10 @@ def _request_body(
         "temperature": params.temperature,
         "max_tokens": params.max_tokens,
         "top_p": params.top_p,
-        "stream": False,
+        "stream": stream,
     }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
     if params.stop:
         body["stop"] = list(params.stop)
     if params.seed is not None:
@@ -388,11 +606,31 @@ def _request_body(
     return body
 
 
+def _kind(error: InferenceError) -> str:
+    """The ``error_kinds`` key of an error (see ``EndpointStats``)."""
+    if isinstance(error, ContextTooLong):
+        return "context_too_long"
+    if isinstance(error, BadRequest):
+        return "bad_request"
+    if isinstance(error, Timeout):
+        return "timeout"
+    if isinstance(error, BadResponse):
+        return "bad_response"
+    return "unavailable"
+
+
 def _transport_error(exc: httpx.HTTPError, url: str) -> InferenceError:
     kind = type(exc).__name__
     if isinstance(exc, httpx.TimeoutException):
         return Timeout(f"request timed out ({kind})", endpoint=url)
     return Unavailable(f"server unreachable ({kind})", endpoint=url)
+
+
+def _deadline_error(endpoint: Endpoint, deadline: float, started: float) -> Timeout:
+    return Timeout(
+        f"call timed out after {max(deadline - started, 0):.1f}s on this server; request closed",
+        endpoint=endpoint.url,
+    )
 
 
 def _error_code(response: httpx.Response) -> str:
@@ -405,6 +643,10 @@ def _error_code(response: httpx.Response) -> str:
         data = response.json()
     except ValueError:
         return ""
+    return _identifier(data)
+
+
+def _identifier(data: object) -> str:
     error = data.get("error") if isinstance(data, dict) else None
     if not isinstance(error, dict):
         return ""
@@ -438,15 +680,100 @@ def _optional_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _read_response(
+def _sse_data(response: httpx.Response) -> Iterator[str]:
+    """The ``data:`` payloads of a server-sent event stream (comments and pings skipped)."""
+    for line in response.iter_lines():
+        if line.startswith("data:"):
+            yield line[5:].strip()
+
+
+def _stream_error(chunk: dict[str, Any], url: str) -> InferenceError:
+    """The error a server sent inside a stream that had already started with 200."""
+    error = chunk.get("error")
+    details = error if isinstance(error, dict) else chunk
+    status = details.get("code")
+    code = _identifier({"error": details})
+    message = "server failed mid-stream" + (f" ({code})" if code else "")
+    if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
+        return BadRequest(message, endpoint=url)
+    return Unavailable(message, endpoint=url)
+
+
+def _read_stream(
     response: httpx.Response,
     endpoint: Endpoint,
     request_id: str,
     model: str,
     started: float,
-) -> tuple[ChatResult, float | None]:
-    """The completion, and the prompt time the server reports (llama.cpp's ``timings``)."""
-    _raise_for_status(response, endpoint.url)
+    deadline: float,
+) -> _Reply:
+    """Assemble a chat completion from its ``chat.completion.chunk`` events."""
+    url = endpoint.url
+    parts: list[str] = []
+    served_model: str | None = None
+    finish_reason: str | None = None
+    usage: dict[str, Any] = {}
+    first_at: float | None = None
+    for data in _sse_data(response):
+        if time.monotonic() >= deadline:
+            raise _deadline_error(endpoint, deadline, started)
+        if data == "[DONE]":
+            continue
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise BadResponse("stream chunk is not JSON", endpoint=url) from None
+        if not isinstance(chunk, dict):
+            raise BadResponse("stream chunk is not an object", endpoint=url)
+        if "error" in chunk or chunk.get("object") == "error":
+            raise _stream_error(chunk, url)
+        if isinstance(chunk.get("model"), str) and chunk["model"]:
+            served_model = chunk["model"]
+        if isinstance(chunk.get("usage"), dict):
+            usage = chunk["usage"]
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices:
+            continue
+        choice = choices[0]
+        if not isinstance(choice, dict) or not isinstance(choice.get("delta"), dict):
+            raise BadResponse("stream choice has no delta", endpoint=url)
+        if first_at is None:
+            first_at = time.monotonic()
+        content = choice["delta"].get("content")
+        if content is not None and not isinstance(content, str):
+            raise BadResponse("delta content is not text", endpoint=url)
+        if content:
+            parts.append(content)
+        if isinstance(choice.get("finish_reason"), str):
+            finish_reason = choice["finish_reason"]
+    ended = time.monotonic()
+    if first_at is None:
+        raise BadResponse("stream has no choices", endpoint=url)
+    if finish_reason is None:
+        # Cut short: a dropped proxy, or llama-cpp-python's server ending one stream with
+        # [DONE] when another request arrives (its --interrupt_requests, on by default).
+        raise BadResponse("stream ended before the reply was complete", endpoint=url)
+    result = ChatResult(
+        text="".join(parts).strip(),
+        model=served_model or model,
+        endpoint=url,
+        prompt_tokens=_optional_int(usage.get("prompt_tokens")),
+        completion_tokens=_optional_int(usage.get("completion_tokens")),
+        finish_reason=finish_reason,
+        request_id=request_id,
+        elapsed_s=ended - started,
+    )
+    return _Reply(result, ttft_s=first_at - started, generation_s=ended - first_at)
+
+
+def _read_json(
+    response: httpx.Response,
+    endpoint: Endpoint,
+    request_id: str,
+    model: str,
+    started: float,
+) -> _Reply:
+    """A whole ``chat.completion`` body, from a server that does not stream."""
     try:
         data = response.json()
     except ValueError:
@@ -465,9 +792,7 @@ def _read_response(
     usage = usage if isinstance(usage, dict) else {}
     finish_reason = choice.get("finish_reason")
     served_model = data.get("model")
-    timings = data.get("timings")
-    prompt_ms = timings.get("prompt_ms") if isinstance(timings, dict) else None
-    ttft = prompt_ms / 1000 if isinstance(prompt_ms, int | float) and prompt_ms >= 0 else None
+    elapsed = time.monotonic() - started
     result = ChatResult(
         text=(content or "").strip(),
         model=served_model if isinstance(served_model, str) and served_model else model,
@@ -476,27 +801,21 @@ def _read_response(
         completion_tokens=_optional_int(usage.get("completion_tokens")),
         finish_reason=finish_reason if isinstance(finish_reason, str) else None,
         request_id=request_id,
-        elapsed_s=time.perf_counter() - started,
+        elapsed_s=elapsed,
     )
-    return result, ttft
+    return _Reply(result, ttft_s=None, generation_s=elapsed)
 
 
 def _log_error(
+    attempt: Any,
     error: InferenceError,
-    endpoint: Endpoint,
-    request_id: str,
-    model: str,
     started: float,
     *,
     failover: bool,
 ) -> None:
-    log.warning(
+    attempt.warning(
         "inference.error",
-        endpoint=endpoint.url,
-        role=endpoint.role,
-        request_id=request_id,
-        model=model,
-        elapsed_s=round(time.perf_counter() - started, 3),
+        elapsed_s=round(time.monotonic() - started, 3),
         error=type(error).__name__,
         detail=error.message,
         failover=failover,

@@ -9,7 +9,7 @@ import hashlib
 import math
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Self
 
 from core.config import Settings
@@ -34,6 +34,7 @@ class PoolConfig:
     ``breaker_failures`` consecutive failures open an endpoint's breaker for
     ``breaker_cooldown`` seconds, then one probe decides. ``health_interval`` is the
     period of the background health checks (0: none; failures still eject passively).
+    ``dns_interval`` is the period of the re-resolution of ``dns+http://`` entries.
     """
 
     max_in_flight: int = 32
@@ -41,6 +42,7 @@ class PoolConfig:
     breaker_failures: int = 3
     breaker_cooldown: float = 15.0
     health_interval: float = 10.0
+    dns_interval: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 0 or self.spill_waiting < 0:
@@ -49,6 +51,8 @@ class PoolConfig:
             raise ValueError("breaker_failures must be >= 1")
         if self.breaker_cooldown < 0 or self.health_interval < 0:
             raise ValueError("breaker_cooldown and health_interval must be >= 0")
+        if self.dns_interval <= 0:
+            raise ValueError("dns_interval must be > 0")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
@@ -58,44 +62,81 @@ class PoolConfig:
             breaker_failures=settings.inference_breaker_failures,
             breaker_cooldown=settings.inference_breaker_cooldown,
             health_interval=settings.inference_health_interval,
+            dns_interval=settings.inference_dns_interval,
+        )
+
+
+# Upper bounds (seconds) of the timing histograms: first token and generation time.
+TIMING_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+# vLLM's histogram of the time requests waited in its queue (its sum and count).
+QUEUE_SUM = "vllm:request_queue_time_seconds_sum"
+QUEUE_COUNT = "vllm:request_queue_time_seconds_count"
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Observations of one duration: how many, their sum in seconds, and ``buckets``, the
+    cumulative count of observations at or under each bound of ``TIMING_BUCKETS``."""
+
+    count: int = 0
+    sum_s: float = 0.0
+    buckets: tuple[int, ...] = (0,) * len(TIMING_BUCKETS)
+
+    def observe(self, seconds: float) -> Timing:
+        return Timing(
+            count=self.count + 1,
+            sum_s=self.sum_s + seconds,
+            buckets=tuple(
+                n + (seconds <= bound)
+                for n, bound in zip(self.buckets, TIMING_BUCKETS, strict=True)
+            ),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class EndpointStats:
-    """A snapshot of one endpoint's counters and state, kept since the client was built.
+    """A snapshot of one endpoint's counters and state, kept since it joined the pool.
 
     ``requests`` counts attempts sent (failovers included), ``errors`` the attempts that
-    failed for any reason. ``generation_s`` sums the wall time of successful requests;
-    ``ttft_s``/``ttft_samples`` sum the prompt-processing time servers report (llama.cpp's
-    ``timings.prompt_ms``; vLLM reports it only in ``/metrics``). ``spilled`` counts
+    failed for any reason and ``error_kinds`` the same split by kind: ``connect`` (never
+    reached the server), ``timeout``, ``unavailable`` (5xx, 429, a broken stream),
+    ``bad_request``, ``context_too_long``, ``bad_response`` and ``abandoned`` (the caller
+    gave up: an exception in its thread). ``ttft`` is the time from sending a request to its
+    first streamed chunk, ``generation`` the time from that chunk to the end of the stream
+    (for a server that answers in one JSON body, the whole request, and no ``ttft``); both
+    for successful requests. Tokens are those the servers reported. ``spilled`` counts
     requests whose conversation belongs here but went elsewhere because this endpoint was
     saturated. ``waiting``, ``running`` and ``kv_cache_usage`` are the last ``/metrics``
-    readings (``None`` when the server has no such metric). ``healthy`` is the last active
-    check (``None`` before the first).
+    readings and ``queue_wait_s``/``queue_wait_count`` the server's own
+    ``vllm:request_queue_time_seconds`` sum and count, over every client it serves (``None``
+    when the server has no such metric). ``healthy`` is the last active check (``None``
+    before the first).
     """
 
     url: str
     role: str
+    model: str | None
     state: BreakerState
     consecutive_failures: int
     in_flight: int
     requests: int
     errors: int
+    error_kinds: dict[str, int]
     prompt_tokens: int
     completion_tokens: int
-    generation_s: float
-    ttft_s: float
-    ttft_samples: int
+    ttft: Timing
+    generation: Timing
     spilled: int
     probes: int
     healthy: bool | None
     waiting: float | None
     running: float | None
     kv_cache_usage: float | None
+    queue_wait_s: float | None
+    queue_wait_count: float | None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _State:
     endpoint: Endpoint
     opened_at: float | None = None
@@ -104,11 +145,11 @@ class _State:
     in_flight: int = 0
     requests: int = 0
     errors: int = 0
+    error_kinds: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    generation_s: float = 0.0
-    ttft_s: float = 0.0
-    ttft_samples: int = 0
+    ttft: Timing = Timing()
+    generation: Timing = Timing()
     spilled: int = 0
     probes: int = 0
     healthy: bool | None = None
@@ -116,6 +157,13 @@ class _State:
     waiting: float | None = None
     running: float | None = None
     kv_cache_usage: float | None = None
+    queue_wait_s: float | None = None
+    queue_wait_count: float | None = None
+
+
+Ticket = _State
+"""What ``Pool.begin`` hands out and ``succeeded``/``failed`` take back: the endpoint's state,
+still counted when the endpoint left the pool meanwhile."""
 
 
 def rendezvous_weight(key: str, url: str) -> int:
@@ -176,7 +224,11 @@ def _finite(values: list[float] | None, combine: Callable[[list[float]], float])
 
 
 class Pool:
-    """The per-endpoint state behind ``InferenceClient``; every method is thread-safe."""
+    """The per-endpoint state behind ``InferenceClient``; every method is thread-safe.
+
+    Endpoints join and leave with ``set_members`` (DNS discovery); an endpoint that stays
+    keeps its counters and breaker.
+    """
 
     def __init__(
         self, endpoints: Sequence[Endpoint], config: PoolConfig, clock: Callable[[], float]
@@ -184,12 +236,31 @@ class Pool:
         self.config = config
         self._clock = clock
         self._lock = threading.Lock()
-        self._states = [_State(endpoint) for endpoint in endpoints]
+        self._states: dict[Endpoint, _State] = {}
+        self.set_members(endpoints)
+
+    def set_members(self, endpoints: Sequence[Endpoint]) -> tuple[list[Endpoint], list[Endpoint]]:
+        """Make ``endpoints`` the pool, in this order; returns ``(joined, left)``.
+
+        A duplicate of an endpoint already listed is dropped.
+        """
+        with self._lock:
+            old = self._states
+            states: dict[Endpoint, _State] = {}
+            for endpoint in endpoints:
+                if endpoint not in states:
+                    states[endpoint] = old.get(endpoint) or _State(endpoint)
+            self._states = states
+        return [e for e in states if e not in old], [e for e in old if e not in states]
+
+    def members(self) -> list[Endpoint]:
+        with self._lock:
+            return list(self._states)
 
     # --- routing -------------------------------------------------------------------------
 
-    def plan(self, role: str, key: str | None, *, count_spill: bool = True) -> list[int]:
-        """Endpoint indices in the order one request tries them.
+    def plan(self, role: str, key: str | None, *, count_spill: bool = True) -> list[Endpoint]:
+        """Endpoints in the order one request tries them.
 
         With a ``key``: rendezvous order, so every turn of a conversation goes to the same
         server while it is healthy and not saturated; without one, the configured order.
@@ -198,27 +269,25 @@ class Pool:
         whose probe is already out are left out, unless nothing else is left — then every
         endpoint of the role is tried rather than none.
         """
-        indices = [i for i, state in enumerate(self._states) if state.endpoint.role == role]
-        if key is not None:
-            urls = {i: self._states[i].endpoint.url for i in indices}
-            indices.sort(key=lambda i: rendezvous_weight(key, urls[i]), reverse=True)
         with self._lock:
+            candidates = [state for state in self._states.values() if state.endpoint.role == role]
+            if key is not None:
+                candidates.sort(key=lambda s: rendezvous_weight(key, s.endpoint.url), reverse=True)
             now = self._clock()
-            ready: list[int] = []
-            saturated: list[int] = []
-            for index in indices:
-                state = self._states[index]
+            ready: list[_State] = []
+            saturated: list[_State] = []
+            for state in candidates:
                 breaker = self._breaker(state, now)
                 if breaker == "open" or (breaker == "half_open" and state.probing):
                     continue
-                (saturated if self._saturated(state) else ready).append(index)
+                (saturated if self._saturated(state) else ready).append(state)
             order = ready + saturated
             if not order:
-                return indices
-            owner = min(order, key=indices.index)
+                return [state.endpoint for state in candidates]
+            owner = min(order, key=candidates.index)
             if count_spill and key is not None and ready and owner in saturated:
-                self._states[owner].spilled += 1
-            return order
+                owner.spilled += 1
+            return [state.endpoint for state in order]
 
     def _breaker(self, state: _State, now: float) -> BreakerState:
         if state.opened_at is None:
@@ -238,48 +307,53 @@ class Pool:
 
     # --- one request ---------------------------------------------------------------------
 
-    def begin(self, index: int) -> None:
+    def begin(self, endpoint: Endpoint) -> Ticket:
         """Count a request going out; a half-open endpoint's request is its probe."""
         with self._lock:
-            state = self._states[index]
+            state = self._states.get(endpoint) or _State(endpoint)
             state.in_flight += 1
             state.requests += 1
             if self._breaker(state, self._clock()) == "half_open":
                 state.probing = True
                 state.probes += 1
+            return state
 
     def succeeded(
         self,
-        index: int,
+        ticket: Ticket,
         *,
         prompt_tokens: int | None,
         completion_tokens: int | None,
-        elapsed_s: float,
         ttft_s: float | None,
+        generation_s: float,
     ) -> None:
         with self._lock:
-            state = self._states[index]
+            state = ticket
             state.in_flight -= 1
             state.prompt_tokens += prompt_tokens or 0
             state.completion_tokens += completion_tokens or 0
-            state.generation_s += elapsed_s
             if ttft_s is not None:
-                state.ttft_s += ttft_s
-                state.ttft_samples += 1
+                state.ttft = state.ttft.observe(ttft_s)
+            state.generation = state.generation.observe(generation_s)
             self._close(state)
 
-    def failed(self, index: int, *, server_fault: bool) -> None:
-        """End a request that failed; ``server_fault`` counts towards the breaker.
+    def failed(self, ticket: Ticket, *, kind: str, server_fault: bool) -> None:
+        """End a request that failed with an error of ``kind``; ``server_fault`` counts
+        towards the breaker.
 
         A server that answered a well-formed 4xx is alive: that closes a half-open breaker
-        and resets the consecutive count, as a success does.
+        and resets the consecutive count, as a success does. An abandoned request says
+        nothing about the server: it releases a half-open probe and changes nothing else.
         """
         with self._lock:
-            state = self._states[index]
+            state = ticket
             state.in_flight -= 1
             state.errors += 1
+            state.error_kinds[kind] = state.error_kinds.get(kind, 0) + 1
             if server_fault:
                 self._fail(state)
+            elif kind == "abandoned":
+                state.probing = False
             else:
                 self._close(state)
 
@@ -301,9 +375,14 @@ class Pool:
     # --- active checks -------------------------------------------------------------------
 
     def checked(
-        self, index: int, *, healthy: bool, metrics: dict[str, list[float]] | None, missing: bool
+        self,
+        endpoint: Endpoint,
+        *,
+        healthy: bool,
+        metrics: dict[str, list[float]] | None,
+        missing: bool,
     ) -> None:
-        """Record one active check.
+        """Record one active check (ignored when the endpoint left the pool meanwhile).
 
         A failed check counts like a failed request. A passed check closes a half-open
         breaker (the probe after the cooldown); while the breaker is closed it does not
@@ -311,14 +390,19 @@ class Pool:
         while it is open it changes nothing. ``metrics`` is ``None`` when none were read.
         """
         with self._lock:
-            state = self._states[index]
+            state = self._states.get(endpoint)
+            if state is None:
+                return
             state.healthy = healthy
             state.metrics_missing = state.metrics_missing or missing
-            state.waiting = _finite(metrics.get(WAITING), sum) if metrics else None
-            state.running = _finite(metrics.get(RUNNING), sum) if metrics else None
+            samples = metrics or {}
+            state.waiting = _finite(samples.get(WAITING), sum)
+            state.running = _finite(samples.get(RUNNING), sum)
+            state.queue_wait_s = _finite(samples.get(QUEUE_SUM), sum)
+            state.queue_wait_count = _finite(samples.get(QUEUE_COUNT), sum)
             usage = None
             for name in KV_CACHE:
-                usage = _finite(metrics.get(name), max) if metrics else None
+                usage = _finite(samples.get(name), max)
                 if usage is not None:
                     break
             state.kv_cache_usage = usage
@@ -331,9 +415,10 @@ class Pool:
             elif breaker == "half_open":
                 self._close(state)
 
-    def wants_metrics(self, index: int) -> bool:
+    def wants_metrics(self, endpoint: Endpoint) -> bool:
         with self._lock:
-            return not self._states[index].metrics_missing
+            state = self._states.get(endpoint)
+            return state is not None and not state.metrics_missing
 
     # --- reading -------------------------------------------------------------------------
 
@@ -344,22 +429,25 @@ class Pool:
                 EndpointStats(
                     url=s.endpoint.url,
                     role=s.endpoint.role,
+                    model=s.endpoint.model,
                     state=self._breaker(s, now),
                     consecutive_failures=s.consecutive_failures,
                     in_flight=s.in_flight,
                     requests=s.requests,
                     errors=s.errors,
+                    error_kinds=dict(s.error_kinds),
                     prompt_tokens=s.prompt_tokens,
                     completion_tokens=s.completion_tokens,
-                    generation_s=s.generation_s,
-                    ttft_s=s.ttft_s,
-                    ttft_samples=s.ttft_samples,
+                    ttft=s.ttft,
+                    generation=s.generation,
                     spilled=s.spilled,
                     probes=s.probes,
                     healthy=s.healthy,
                     waiting=s.waiting,
                     running=s.running,
                     kv_cache_usage=s.kv_cache_usage,
+                    queue_wait_s=s.queue_wait_s,
+                    queue_wait_count=s.queue_wait_count,
                 )
-                for s in self._states
+                for s in self._states.values()
             ]

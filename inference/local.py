@@ -22,6 +22,7 @@ __all__ = [
     "GGUF_FILE",
     "MODEL_ALIAS",
     "local_endpoint",
+    "local_spec",
     "model_path",
     "server_command",
     "wait_until_ready",
@@ -79,6 +80,10 @@ def server_command(
         str(threads),
         "--model_alias",
         model_alias,
+        # By default the server cuts a running reply short whenever another request arrives
+        # (a health check, the tokenizer, a second worker's turn).
+        "--interrupt_requests",
+        "false",
     ]
 
 
@@ -123,5 +128,14 @@ def wait_until_ready(
 
 
 def local_endpoint(port: int, host: str = "127.0.0.1") -> Endpoint:
-    """The chat endpoint of a local server started with ``server_command(port=port)``."""
-    return Endpoint(url=f"http://{host}:{port}", model=MODEL_ALIAS, role="chat")
+    """The chat endpoint of a local server started with ``server_command(port=port)``.
+
+    Not streamed: while streaming, llama-cpp-python's server reports no token usage (the
+    daily token budgets would count nothing) and answers a prompt over its context with an
+    empty stream rather than the context error memory acts on."""
+    return Endpoint(url=f"http://{host}:{port}", model=MODEL_ALIAS, role="chat", stream=False)
+
+
+def local_spec(base_url: str) -> str:
+    """``PARLEY_INFERENCE_ENDPOINTS`` for the local server at ``base_url``, not streamed."""
+    return f"{base_url}#model={MODEL_ALIAS}&role=chat&stream=false"

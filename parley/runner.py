@@ -47,7 +47,7 @@ def _start_model(settings: Settings, stack: ExitStack) -> str:
     stack.callback(_stop, proc)
     base = f"http://127.0.0.1:{port}"
     local.wait_until_ready(base, timeout=120, proc=proc)
-    return f"{base}#model=smollm2&role=chat"
+    return local.local_spec(base)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -795,7 +795,7 @@ def _start_model(stack: ExitStack, settings: Settings) -> str:
     stack.callback(stop)
     base = f"http://127.0.0.1:{port}"
     local.wait_until_ready(base, timeout=120, proc=proc)
-    return f"{base}#model={local.MODEL_ALIAS}&role=chat"
+    return local.local_spec(base)
 
 
 def _services(

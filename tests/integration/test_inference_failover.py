@@ -70,7 +70,7 @@ def servers(services: Settings, tmp_path: Path) -> Iterator[dict[str, Server]]:
 def ask(client: InferenceClient, key: str, text: str) -> str:
     messages = [{"role": "user", "content": text}]
     result = client.chat(messages, params=PARAMS, conversation_key=key, cache_salt="workspace-1")
-    assert result.completion_tokens
+    assert result.finish_reason in ("stop", "length")
     return result.endpoint
 
 

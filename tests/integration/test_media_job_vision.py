@@ -74,4 +74,4 @@ def test_list_content_with_an_image_reaches_the_vision_endpoint(
             ],
         },
     ]
-    assert (request["temperature"], request["max_tokens"], request["stream"]) == (0.0, 32, False)
+    assert (request["temperature"], request["max_tokens"], request["stream"]) == (0.0, 32, True)

@@ -110,7 +110,8 @@ def test_request_body_and_headers() -> None:
         "temperature": 0.7,
         "max_tokens": 256,
         "top_p": 0.95,
-        "stream": False,
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
     assert result == ChatResult(
         text="Hello there.",

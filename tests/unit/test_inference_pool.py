@@ -22,6 +22,7 @@ from inference import (
     parse_endpoints,
 )
 from inference._pool import parse_metrics
+from tests.support.streaming_model import streamed
 from tests.unit.test_inference import MESSAGES, Handler, Recorder, completion, ok
 
 URLS = [f"http://gpu-{n}:8000" for n in range(4)]
@@ -446,22 +447,29 @@ def test_cache_salt_is_sent_when_given() -> None:
     assert len(bodies) == 2
 
 
-def test_counters_add_up_tokens_and_server_timings() -> None:
+def test_counters_add_up_tokens_and_timings() -> None:
+    bodies = iter(
+        [streamed("Hello", " there."), streamed("Hi."), json.dumps(completion()).encode()]
+    )
+
     def handler(request: httpx.Request) -> httpx.Response:
-        body = completion()
-        body["timings"] = {"prompt_n": 21, "prompt_ms": 250.0, "predicted_ms": 90.5}
-        return httpx.Response(200, json=body)
+        content = next(bodies)
+        kind = "application/json" if content.startswith(b"{") else "text/event-stream"
+        return httpx.Response(200, content=content, headers={"Content-Type": kind})
 
     _, client = client_for(handler, URLS[:1])
     with client:
+        assert client.chat(MESSAGES).text == "Hello there."
         client.chat(MESSAGES)
-        client.chat(MESSAGES)
+        client.chat(MESSAGES)  # a server that ignored `stream` and sent one JSON body
         stats = by_url(client)[URLS[0]]
 
-    assert (stats.requests, stats.errors, stats.in_flight) == (2, 0, 0)
-    assert (stats.prompt_tokens, stats.completion_tokens) == (42, 8)
-    assert (stats.ttft_s, stats.ttft_samples) == (0.5, 2)
-    assert stats.generation_s > 0
+    assert (stats.requests, stats.errors, stats.in_flight) == (3, 0, 0)
+    assert (stats.prompt_tokens, stats.completion_tokens) == (63, 12)
+    # the JSON answer has no first chunk: its whole time counts as generation
+    assert (stats.ttft.count, stats.generation.count) == (2, 3)
+    assert stats.ttft.buckets[-1] == 2  # every observation is under the last bound
+    assert stats.generation.sum_s >= 0
 
 
 # --- parsing and settings --------------------------------------------------------------------
@@ -505,6 +513,7 @@ def test_pool_config_from_settings(tmp_path: Path) -> None:
         inference_breaker_failures=7,
         inference_breaker_cooldown=2.5,
         inference_health_interval=0,
+        inference_dns_interval=4,
     )
     assert PoolConfig.from_settings(settings) == PoolConfig(
         max_in_flight=5,
@@ -512,6 +521,9 @@ def test_pool_config_from_settings(tmp_path: Path) -> None:
         breaker_failures=7,
         breaker_cooldown=2.5,
         health_interval=0,
+        dns_interval=4,
     )
     with pytest.raises(ValueError, match="breaker_failures"):
         PoolConfig(breaker_failures=0)
+    with pytest.raises(ValueError, match="dns_interval"):
+        PoolConfig(dns_interval=0)
