@@ -244,7 +244,11 @@ def test_concurrent_status_posts_are_group_committed(
     def count(_: object) -> None:
         commits.append(1)
 
-    event.listen(live_engine, "commit", count)
+    # The API's writer commits on its own engine (see webhooks.endpoints._writer_factory).
+    writer_engine = p.app.state.intake.batcher.factory.kw["bind"]
+    engines = {live_engine, writer_engine}
+    for engine in engines:
+        event.listen(engine, "commit", count)
     barrier = threading.Barrier(len(sent))
     codes: list[int] = []
 
@@ -263,7 +267,8 @@ def test_concurrent_status_posts_are_group_committed(
         t.start()
     for t in threads:
         t.join()
-    event.remove(live_engine, "commit", count)
+    for engine in engines:
+        event.remove(engine, "commit", count)
     assert codes == [200] * len(sent)
     stats = p.app.state.intake.batcher.stats()
     # The first delivery (the user's message) plus the statuses; the statuses shared commits.
