@@ -198,7 +198,7 @@ class Draft:
     newest_ts: datetime
     oldest_created: datetime
     language: str | None
-    prompt: memory.Prompt
+    memory: memory.Context
     params: GenerationParams
     model: str | None
     canary: str
@@ -568,9 +568,10 @@ def _draft(
     images: list[dict[str, Any]] | None = None,
 ) -> Draft:
     bot = ctx.bot
-    turns = repository.history(session, ctx.conversation.id, bot.history_turns)
     canary = make_canary(bot.canary_seed)
-    prompt = memory.build_prompt(bot, [*turns, *pending], canary_line=canary_instruction(canary))
+    context = memory.load(
+        session, bot, ctx.conversation.id, pending, canary_line=canary_instruction(canary)
+    )
     return Draft(
         conversation_id=ctx.conversation.id,
         workspace_id=ctx.conversation.workspace_id,
@@ -579,7 +580,7 @@ def _draft(
         newest_ts=max(m.provider_ts or m.created_at for m in pending),
         oldest_created=min(m.created_at for m in pending),
         language=ctx.contact.language,
-        prompt=prompt,
+        memory=context,
         params=GenerationParams(
             temperature=bot.temperature,
             max_tokens=bot.max_tokens,
@@ -599,9 +600,12 @@ def _draft(
 
 
 def _ask_model(draft: Draft) -> tuple[str, list[str], int, memory.Prompt]:
-    """The model's draft reply, reasons, tokens used and the prompt actually sent."""
+    """The model's draft reply, reasons, tokens used and the prompt actually sent (within the
+    memory budget; see ``bots.memory``)."""
     client, last = inference_client(), draft.batch[-1]
-    prompt = draft.prompt
+    prompt = memory.fit(draft.memory, memory.tokenizer())
+    if prompt.too_long:
+        return "", ["memory.too_long"], 0, prompt
     if draft.images:
         # The newest user turn carries the images; the vision endpoint names its own model.
         *earlier, newest = prompt.messages
@@ -615,7 +619,7 @@ def _ask_model(draft: Draft) -> tuple[str, list[str], int, memory.Prompt]:
             cache_salt=str(draft.workspace_id),
         )
         tokens = (result.prompt_tokens or 0) + (result.completion_tokens or 0)
-        return result.text, [], tokens, prompt
+        return result.text, [], tokens, memory.served(prompt, result.prompt_tokens)
     try:
         result = client.chat(
             prompt.messages,
@@ -626,8 +630,10 @@ def _ask_model(draft: Draft) -> tuple[str, list[str], int, memory.Prompt]:
             cache_salt=str(draft.workspace_id),
         )
     except ContextTooLong:
-        # Keep the system prompt and the newest turn; folding into a summary comes with memory.
-        prompt = memory.Prompt([prompt.messages[0], prompt.messages[-1]], draft.batch[-1:])
+        # The server counts more than memory did (a context configured larger than served):
+        # the system message and the turn being answered, and the history folds.
+        log.warning("pipeline.context_too_long", message_id=last, budget=prompt.budget)
+        prompt = memory.shrink(prompt, draft.memory)
         result = client.chat(
             prompt.messages,
             params=draft.params,
@@ -640,7 +646,7 @@ def _ask_model(draft: Draft) -> tuple[str, list[str], int, memory.Prompt]:
         log.warning("pipeline.model_rejected", message_id=last, error=str(exc)[:200])
         return "", ["model.bad_request"], 0, prompt
     tokens = (result.prompt_tokens or 0) + (result.completion_tokens or 0)
-    return result.text, [], tokens, prompt
+    return result.text, [], tokens, memory.served(prompt, result.prompt_tokens)
 
 
 def _answer(draft: Draft, run: Run) -> bool:
@@ -668,6 +674,7 @@ def _answer(draft: Draft, run: Run) -> bool:
                 "reasons": reasons,
                 "action": "send" if allowed else "fallback",
                 "tokens": tokens,
+                **memory.usage(prompt),
             },
         )
         done = _end_turn(session, run)
@@ -692,9 +699,9 @@ def _store_reply(
     prompt: memory.Prompt,
     verdict: dict[str, Any],
 ) -> int | None:
-    """The reply, its outcomes and its send job (the caller re-checks the lease before its
-    transaction commits). None: the window closed while the model worked, and the batch is
-    settled as ``window_expired``."""
+    """The reply, its outcomes, its send job and the memory fold its prompt asks for (the caller
+    re-checks the lease before its transaction commits). None: the window closed while the
+    model worked, and the batch is settled as ``window_expired``."""
     if utcnow() - draft.newest_ts > timedelta(hours=draft.policy.window_hours):
         _settle(session, draft.conversation_id, draft.batch, "window_expired")
         return None
@@ -723,6 +730,8 @@ def _store_reply(
     if written != found:
         raise LeaseLost  # another run settled some of them: roll back and look again
     jobs.enqueue(session, "webhooks.send", message_id=reply_id)
+    if prompt.fold_through is not None:
+        memory.request_fold(session, draft.conversation_id, prompt.fold_through)
     return reply_id
 
 

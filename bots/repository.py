@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, exists, func, select, text
+from sqlalchemy import bindparam, exists, func, select, text, update
 from sqlalchemy.orm import Session, aliased, defer
 
 from core.models import (
@@ -15,6 +15,7 @@ from core.models import (
     ChannelAccount,
     Contact,
     Conversation,
+    ConversationMemory,
     Message,
     MetaApp,
     Notice,
@@ -135,19 +136,27 @@ def pending_inbound(session: Session, conversation_id: int) -> list[Message]:
 _REPLIED = select(Outcome.inbound_id).where(
     Outcome.conversation_id == bindparam("conversation_id"), Outcome.kind == "replied"
 )
-_HISTORY = (
-    select(Message)
-    # A prompt reads only the redacted copy: the encrypted columns are not decrypted.
-    .options(defer(Message.body), defer(Message.content))
-    .where(
-        Message.conversation_id == bindparam("conversation_id"),
+# What may enter a prompt: answered user messages and replies (bot or human) that did not fail
+# to send, each with its redacted copy. A message the contact deleted or unsent (kind
+# ``deleted``, copies erased) or edited (redacted copy cleared until screened again) is left out.
+_IN_PROMPT = (
+    (Message.conversation_id == bindparam("conversation_id"))
+    & Message.body_redacted.is_not(None)
+    & (Message.kind != "deleted")
+    & (
         ((Message.direction == "in") & Message.id.in_(_REPLIED))
         | (
             (Message.direction == "out")
             & Message.kind.in_(["text", "human"])
             & Message.status.not_in(["failed", "dead"])
-        ),
+        )
     )
+)
+_HISTORY = (
+    select(Message)
+    # A prompt reads only the redacted copy: the encrypted columns are not decrypted.
+    .options(defer(Message.body), defer(Message.content))
+    .where(_IN_PROMPT)
     .order_by(Message.id.desc())
     .limit(bindparam("limit"))
 )
@@ -155,8 +164,9 @@ _HISTORY = (
 
 def history(session: Session, conversation_id: int, limit: int) -> list[Message]:
     """The last ``limit`` settled turns that belong in a prompt, oldest first: answered user
-    messages and replies (bot or human) that did not fail. Pending messages (the turn being
-    answered), notices, held, blocked and unanswered messages are not among them.
+    messages and replies (bot or human) that did not fail, never a deleted, unsent or edited
+    one. Pending messages (the turn being answered), notices, held, blocked and unanswered
+    messages are not among them.
 
     Not bounded by the pending messages' ids: a reply stored after a newer message arrived
     has the larger id, and still precedes it in the conversation."""
@@ -164,6 +174,139 @@ def history(session: Session, conversation_id: int, limit: int) -> list[Message]
         return []
     rows = session.scalars(_HISTORY, {"conversation_id": conversation_id, "limit": limit}).all()
     return list(reversed(rows))
+
+
+_UNFOLDED = (
+    select(Message)
+    .options(defer(Message.body), defer(Message.content))
+    .where(_IN_PROMPT, Message.id > bindparam("after_id"))
+    .order_by(Message.id.desc())
+    .limit(bindparam("limit"))
+)
+
+
+def unfolded_history(
+    session: Session, conversation_id: int, *, after_id: int, limit: int
+) -> tuple[list[Message], bool]:
+    """The newest ``limit`` prompt turns with an id above ``after_id`` (those no summary covers
+    yet), oldest first, and whether older ones above ``after_id`` exist beyond them."""
+    if limit <= 0:
+        return [], False
+    rows = session.scalars(
+        _UNFOLDED,
+        {"conversation_id": conversation_id, "after_id": after_id, "limit": limit + 1},
+    ).all()
+    return list(reversed(rows[:limit])), len(rows) > limit
+
+
+_RANGE = (
+    select(Message)
+    .options(defer(Message.body), defer(Message.content))
+    .where(
+        _IN_PROMPT,
+        Message.id > bindparam("after_id"),
+        Message.id <= bindparam("through_id"),
+    )
+    .order_by(Message.id)
+)
+
+
+def history_range(
+    session: Session, conversation_id: int, *, after_id: int, through_id: int
+) -> list[Message]:
+    """Every prompt turn with ``after_id < id <= through_id``, oldest first (what a fold
+    summarises)."""
+    return list(
+        session.scalars(
+            _RANGE,
+            {"conversation_id": conversation_id, "after_id": after_id, "through_id": through_id},
+        )
+    )
+
+
+def conversation_memory(session: Session, conversation_id: int) -> ConversationMemory | None:
+    return session.get(ConversationMemory, conversation_id)
+
+
+_STILL_USABLE = text(
+    """
+    SELECT count(*) FROM messages
+     WHERE id = ANY(CAST(:ids AS bigint[])) AND kind <> 'deleted' AND body_redacted IS NOT NULL
+    """
+)
+
+
+def sources_intact(session: Session, source_ids: Sequence[int]) -> bool:
+    """Whether every message a summary was written from may still enter a prompt (none was
+    deleted, unsent, edited or erased since)."""
+    if not source_ids:
+        return True
+    found: int = session.execute(_STILL_USABLE, {"ids": list(source_ids)}).scalar_one()
+    return found == len(set(source_ids))
+
+
+_REQUEST_FOLD = text(
+    """
+    INSERT INTO conversation_memories AS m (conversation_id, fold_through_id, fold_requested_at)
+    VALUES (:conversation_id, :through_id, now())
+    ON CONFLICT (conversation_id) DO UPDATE
+       SET fold_through_id = EXCLUDED.fold_through_id,
+           fold_requested_at = EXCLUDED.fold_requested_at
+     WHERE m.fold_through_id IS NULL
+    RETURNING m.conversation_id
+    """
+)
+
+
+def request_fold(session: Session, conversation_id: int, through_id: int) -> bool:
+    """Mark a fold through ``through_id`` pending, unless one already is: True when this call
+    did (the caller then enqueues the job, in the same transaction)."""
+    row = session.execute(
+        _REQUEST_FOLD, {"conversation_id": conversation_id, "through_id": through_id}
+    ).first()
+    return row is not None
+
+
+def store_fold(
+    session: Session,
+    conversation_id: int,
+    *,
+    base_through: int,
+    through_id: int,
+    summary: str,
+    source_ids: Sequence[int],
+) -> bool:
+    """Write the summary through ``through_id`` (written from ``source_ids``) and clear the
+    pending fold, if the stored summary still ends at ``base_through`` (no other fold landed in
+    between): True when it did."""
+    written = session.execute(
+        update(ConversationMemory)
+        .where(
+            ConversationMemory.conversation_id == conversation_id,
+            ConversationMemory.through_id == base_through,
+        )
+        .values(
+            summary=summary,
+            through_id=through_id,
+            source_ids=list(source_ids),
+            fold_through_id=None,
+            fold_requested_at=None,
+            folded_at=func.now(),
+            folds=ConversationMemory.folds + 1,
+        )
+        .returning(ConversationMemory.conversation_id)
+    ).first()
+    return written is not None
+
+
+def clear_fold(session: Session, conversation_id: int, through_id: int | None = None) -> None:
+    """Forget a pending fold (through ``through_id``, or any), so a later turn asks again."""
+    statement = update(ConversationMemory).where(
+        ConversationMemory.conversation_id == conversation_id
+    )
+    if through_id is not None:
+        statement = statement.where(ConversationMemory.fold_through_id == through_id)
+    session.execute(statement.values(fold_through_id=None, fold_requested_at=None))
 
 
 # One statement: the outcome rows (a row already there is left alone) and the inbound

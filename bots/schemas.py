@@ -34,6 +34,18 @@ class GenerationSpec(_Strict):
     seed: int | None = None
 
 
+class MemorySpec(_Strict):
+    """Conversation memory (``bots/memory.py``); a field left unset takes its
+    ``PARLEY_MEMORY_*`` setting. ``context_tokens`` is the served model's window (the server's
+    own figure wins when smaller); ``summary_prompt`` instructs the model that folds old turns
+    into the summary."""
+
+    context_tokens: int | None = Field(None, ge=256, le=1_048_576)
+    margin_tokens: int | None = Field(None, ge=0, le=65_536)
+    summary_tokens: int | None = Field(None, ge=16, le=4096)
+    summary_prompt: str | None = Field(None, min_length=1, max_length=4000)
+
+
 class ChannelSpec(_Strict):
     type: Literal["whatsapp", "messenger", "instagram"]
     app: str
@@ -77,7 +89,13 @@ class BotSpec(_Strict):
     system_prompt: str = Field(min_length=1)
     model: str | None = None
     generation: GenerationSpec = GenerationSpec()
-    history_turns: int = Field(12, ge=0, le=200)
+    # The most stored messages a prompt carries word for word; past it (or past the token
+    # budget) the oldest fold into the conversation's summary.
+    history_turns: int = Field(40, ge=0, le=200)
+    # What the business bot is for (WhatsApp allows no general-purpose assistants): the prompt
+    # tells the model to decline anything else.
+    scope: str | None = Field(None, min_length=1, max_length=1000)
+    memory: MemorySpec = MemorySpec()
     fallback_reply: str = "Sorry, I can't help with that right now."
     policy: Policy = Policy()
     channels: list[ChannelSpec] = Field(default_factory=list)

@@ -51,8 +51,11 @@ def _note(report: ApplyReport, label: str, *, created: bool, changed: bool) -> N
 
 
 def _extra(current: dict[str, Any], bot_spec: BotSpec) -> dict[str, Any]:
-    """The bot's ``extra``: its policy, and its window template when it has one."""
+    """The bot's ``extra``: its policy, memory settings and scope, and its window template when
+    it has one."""
     extra = {**current, "policy": bot_spec.policy.model_dump(mode="json")}
+    extra["memory"] = bot_spec.memory.model_dump(mode="json", exclude_none=True)
+    extra["scope"] = bot_spec.scope
     extra.pop("window_template", None)
     if bot_spec.window_template is not None:
         extra["window_template"] = bot_spec.window_template.model_dump(mode="json")

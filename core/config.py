@@ -155,6 +155,13 @@ class Settings(BaseSettings):
     outbox_relay_interval: float = 5.0
     outbox_relay_after: float = 15.0
     history_turns: int = 12
+    # Conversation memory (bots/memory.py): the model's context window in tokens (None: what
+    # the server reports, else local_model_ctx), tokens kept free besides the reply, the longest
+    # summary, and how many token counts the tokenize cache keeps.
+    memory_context_tokens: int | None = Field(default=None, ge=256)
+    memory_margin_tokens: int = Field(default=32, ge=0)
+    memory_summary_tokens: int = Field(default=200, ge=16)
+    memory_tokenize_cache: int = Field(default=50_000, ge=0)
     # A worker answers /readyz (Redis reachable) on this port when > 0.
     worker_health_port: int = 0
 

@@ -60,6 +60,7 @@ from ._errors import (
 )
 from ._metrics import InferenceCollector
 from ._pool import EndpointStats, PoolConfig, Timing
+from ._tokenize import Tokenizer as Tokenizer
 
 __all__ = [
     "BadRequest",

@@ -6,6 +6,7 @@ from core.models.channel_account import ChannelAccount
 from core.models.contact import Contact
 from core.models.conversation import Conversation
 from core.models.conversation_lease import ConversationLease
+from core.models.conversation_memory import ConversationMemory
 from core.models.media import MediaItem
 from core.models.message import Message
 from core.models.meta_app import MetaApp
@@ -25,6 +26,7 @@ __all__ = [
     "ChannelAccount",
     "Contact",
     "Conversation",
+    "ConversationMemory",
     "ConversationLease",
     "EncryptedBytes",
     "EncryptedText",

@@ -240,3 +240,61 @@ def test_a_poison_message_is_dead_lettered_after_the_attempt_limit(
     assert inbound.status == "dead"
     assert db.get(Outcome, inbound.id).kind == "dead"  # type: ignore[union-attr]
     assert pipeline.reply(job.id) == "skipped"
+
+
+def test_the_bots_generation_settings_reach_the_model(
+    client: TestClient,
+    db: Session,
+    wa_bot: WhatsAppBot,
+    graph_sandbox: str,
+    use_model: Callable[..., None],
+) -> None:
+    bot = db.get(Bot, wa_bot.bot_id)
+    assert bot is not None
+    bot.temperature, bot.top_p, bot.max_tokens = 0.3, 0.9, 40
+    bot.stop, bot.seed = ["\nCustomer:"], 11
+    db.commit()
+    model = ScriptedModel(lambda _: completion("We open at eight."))
+    try:
+        use_model(model.url, graph_sandbox)
+        _deliver(client, wa_bot, "when do you open?")
+        assert pipeline.reply(_pending(db, "bots.reply").id) == "done"
+    finally:
+        model.close()
+    (request,) = [r for r in model.requests if "messages" in r]
+    assert (request["temperature"], request["top_p"], request["max_tokens"]) == (0.3, 0.9, 40)
+    assert (request["stop"], request["seed"]) == (["\nCustomer:"], 11)
+
+
+def test_context_too_long_folds_the_history_it_had_to_drop(
+    client: TestClient,
+    db: Session,
+    wa_bot: WhatsAppBot,
+    graph_sandbox: str,
+    use_model: Callable[..., None],
+) -> None:
+    def script(request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if len(request["messages"]) > 2:
+            return 400, {"error": {"message": "This model's maximum context length is 4096"}}
+        return completion("Short answer.")
+
+    model = ScriptedModel(script)
+    try:
+        use_model(model.url, graph_sandbox)
+        _deliver(client, wa_bot, "first")
+        assert pipeline.reply(_pending(db, "bots.reply").id) == "done"
+        _deliver(client, wa_bot, "second")
+        assert pipeline.reply(_pending(db, "bots.reply").id) == "done"
+    finally:
+        model.close()
+    first_reply = db.execute(
+        select(Message)
+        .where(Message.direction == "out", Message.kind == "text")
+        .order_by(Message.id)
+        .limit(1)
+    ).scalar_one()
+    fold = _pending(db, "maintenance.fold_memory")
+    assert fold.payload == {
+        "conversation_id": first_reply.conversation_id,
+        "through_id": first_reply.id,
+    }
