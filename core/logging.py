@@ -60,6 +60,20 @@ def _scrub_event(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mutab
 _configured = False
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to ``sys.stderr`` as it is when a record is emitted, not as it was when logging
+    was configured: a line logged later from a background thread (the intake's totals) must
+    not go to a stream that was replaced and closed meanwhile (a test runner's capture)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Configure structlog and route the standard library's loggers through the same scrubber."""
     global _configured
@@ -83,7 +97,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,

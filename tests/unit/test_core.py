@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,17 @@ def test_logs_drop_sensitive_keys_and_scrub_values(capsys: pytest.CaptureFixture
     assert first["note"] == "from [redacted]" and first["message_id"] == 7
     assert "timestamp" in first and first["event"] == "pipeline.test"
     assert "ana@example.com" not in err[1]
+
+
+def test_logs_go_to_stderr_as_it_is_when_emitted(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    configure_logging("INFO", "json")
+    closed = io.StringIO()
+    closed.close()  # the stream current when logging was configured, closed since
+    monkeypatch.setattr(sys, "stderr", closed)
+    configure_logging("INFO", "json")
+    now = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", now)
+    structlog.get_logger("t").info("late.line", deliveries=3)
+    assert json.loads(now.getvalue())["event"] == "late.line"
