@@ -154,7 +154,6 @@ class Settings(BaseSettings):
     job_max_attempts: int = 5
     outbox_relay_interval: float = 5.0
     outbox_relay_after: float = 15.0
-    history_turns: int = 12
     # Conversation memory (bots/memory.py): the model's context window in tokens (None: what
     # the server reports, else local_model_ctx), tokens kept free besides the reply, the longest
     # summary, and how many token counts the tokenize cache keeps.

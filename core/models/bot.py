@@ -34,7 +34,7 @@ class Bot(CreatedAt, Base):
     top_p: Mapped[float] = mapped_column(Float, default=0.95)
     stop: Mapped[list[str]] = mapped_column(JSONB, default=list)
     seed: Mapped[int | None] = mapped_column(Integer)
-    history_turns: Mapped[int] = mapped_column(Integer, default=12)
+    history_turns: Mapped[int] = mapped_column(Integer, default=40)
     fallback_reply: Mapped[str] = mapped_column(Text)
     # Secret per bot from which the system-prompt canary is derived.
     canary_seed: Mapped[str] = mapped_column(String(64))
