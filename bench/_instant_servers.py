@@ -6,6 +6,9 @@ machine), for measuring the platform's own overhead.
 
 * ``POST /v1/chat/completions`` answers ``ok <markers>``, the markers found in the prompt's
   newest user turn, and records (markers, arrived, answered).
+* ``GET /v1/models`` and ``POST /tokenize`` answer as vLLM's do (a context of
+  ``MAX_MODEL_LEN``; a token per whitespace-separated word, plus a fixed framing per chat
+  message), so conversation memory counts its prompts here as it does against vLLM.
 * ``POST /{version}/{phone_number_id}/messages`` answers Meta's success shape with a fresh
   wamid and records (markers found in ``text.body``, arrived). It posts no status webhooks.
 * ``GET /records`` on either port returns what that server recorded.
@@ -48,6 +51,24 @@ def newest_user_markers(messages: Any) -> list[str]:
     return []
 
 
+MAX_MODEL_LEN = 8192
+# What this stand-in's "chat template" adds: per message, and once per prompt.
+FRAMING_PER_MESSAGE = 4
+FRAMING_PER_PROMPT = 3
+
+
+def tokenize(body: Any) -> dict[str, Any]:
+    """vLLM's ``/tokenize`` answer for ``{"prompt": …}`` or ``{"messages": […]}``."""
+    if isinstance(body.get("messages"), list):
+        count = FRAMING_PER_PROMPT
+        for message in body["messages"]:
+            content = message.get("content") if isinstance(message, dict) else None
+            count += FRAMING_PER_MESSAGE + len(str(content or "").split())
+    else:
+        count = len(str(body.get("prompt") or "").split())
+    return {"count": count, "tokens": list(range(count)), "max_model_len": MAX_MODEL_LEN}
+
+
 def completion(text: str, model: str) -> dict[str, Any]:
     return {
         "id": "chatcmpl-" + secrets.token_hex(8),
@@ -88,7 +109,8 @@ def make_handler(recorder: Recorder, role: str) -> type[BaseHTTPRequestHandler]:
                 with recorder.lock:
                     self._send(200, recorder.model if role == "model" else recorder.graph)
             elif self.path in ("/v1/models", "/health"):
-                self._send(200, {"object": "list", "data": [{"id": "instant"}]})
+                model = {"id": "instant", "owned_by": "vllm", "max_model_len": MAX_MODEL_LEN}
+                self._send(200, {"object": "list", "data": [model]})
             else:
                 self._send(404, {"error": "not found"})
 
@@ -109,6 +131,8 @@ def make_handler(recorder: Recorder, role: str) -> type[BaseHTTPRequestHandler]:
                     recorder.model.append(
                         {"markers": found, "arrived": arrived, "answered": answered}
                     )
+            elif role == "model" and self.path == "/tokenize":
+                self._send(200, tokenize(body))
             elif role == "graph" and self.path.endswith("/messages"):
                 text = body.get("text") if isinstance(body, dict) else None
                 found = markers(text.get("body", "") if isinstance(text, dict) else "")

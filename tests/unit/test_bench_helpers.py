@@ -14,7 +14,15 @@ from fastapi.testclient import TestClient
 from bench import _loadgen as load
 from bench._baseline_app import create_app, extract, verify
 from bench._common import percentile, summarize
-from bench._instant_servers import completion, marker_for, markers, newest_user_markers
+from bench._instant_servers import (
+    FRAMING_PER_MESSAGE,
+    FRAMING_PER_PROMPT,
+    completion,
+    marker_for,
+    markers,
+    newest_user_markers,
+    tokenize,
+)
 
 WRK_OUTPUT = """\
 Running 15s test @ http://127.0.0.1:8000/webhooks/whatsapp
@@ -172,3 +180,12 @@ def test_baseline_app_answers_without_storage() -> None:
             "/webhooks/whatsapp", content=b"{}", headers={"X-Hub-Signature-256": _sign(b"k", b"{}")}
         )
         assert malformed.status_code == 400
+
+
+def test_the_instant_model_tokenizes_like_vllm() -> None:
+    assert tokenize({"model": "instant", "prompt": "three words here"})["count"] == 3
+    chat = tokenize(
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
+    )
+    assert chat["count"] == FRAMING_PER_PROMPT + 2 * FRAMING_PER_MESSAGE + 3
+    assert len(chat["tokens"]) == chat["count"] and chat["max_model_len"] == 8192
