@@ -310,7 +310,8 @@ class InferenceClient:
         ``request_id`` (a UUID, generated when ``None``) goes out as ``X-Request-Id`` and
         into the logs; llama.cpp's server answers 400 to any other header value, so a
         ``request_id`` that is not a UUID raises ``ValueError`` before anything is sent.
-        ``conversation_key`` (the conversation id) pins the conversation to one server.
+        ``conversation_key`` (the conversation id) pins the conversation to one server, and
+        goes out as ``X-Session-ID`` for a router in front of a pool to do the same.
         ``cache_salt`` (the tenant, e.g. the workspace id) goes out as vLLM's ``cache_salt``
         so tenants never share prefix-cache entries; servers without prefix caching ignore
         it. ``timeout`` (seconds, default the client's) bounds the whole call; when it
@@ -351,6 +352,7 @@ class InferenceClient:
                             messages, params, model_name, cache_salt, stream=endpoint.stream
                         ),
                         request_id=request_id,
+                        session=key,
                         model=model_name,
                         started=started,
                         deadline=deadline,
@@ -410,6 +412,7 @@ class InferenceClient:
         body: dict[str, Any],
         *,
         request_id: str,
+        session: str | None,
         model: str,
         started: float,
         deadline: float,
@@ -417,15 +420,16 @@ class InferenceClient:
         """One request to one server, read to its end or closed on the way out."""
         remaining = max(deadline - started, 0.001)
         timeout = httpx.Timeout(remaining, connect=min(self._connect_timeout, remaining))
+        headers = {
+            "X-Request-Id": request_id,
+            "Accept": "text/event-stream" if endpoint.stream else "application/json",
+        }
+        if session is not None:
+            # A router in front of the pool (vllm-router's consistent_hash) keeps a session on
+            # one server by this header: the same affinity the pool gives, one hop later.
+            headers["X-Session-ID"] = session
         request = self._http.build_request(
-            "POST",
-            endpoint.url + _CHAT_PATH,
-            json=body,
-            headers={
-                "X-Request-Id": request_id,
-                "Accept": "text/event-stream" if endpoint.stream else "application/json",
-            },
-            timeout=timeout,
+            "POST", endpoint.url + _CHAT_PATH, json=body, headers=headers, timeout=timeout
         )
         try:
             response = self._http.send(request, stream=True)

@@ -149,6 +149,17 @@ def test_model_defaults_and_endpoint_model_wins() -> None:
     assert models == ["default", "pinned"]
 
 
+def test_the_conversation_goes_out_as_the_session_for_a_router() -> None:
+    recorder = Recorder(ok)
+    with recorder.client(Endpoint(A)) as client:
+        client.chat(MESSAGES, conversation_key=4242)
+        client.chat(MESSAGES)
+
+    with_key, without = recorder.requests
+    assert with_key.headers["X-Session-ID"] == "4242"
+    assert "X-Session-ID" not in without.headers
+
+
 def test_request_id_generated_when_missing() -> None:
     recorder = Recorder(ok)
     with recorder.client(Endpoint(A)) as client:
