@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from fastapi.testclient import TestClient
@@ -9,6 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.config import Settings
 from parley.app import create_app
 from tests.support.factories import WhatsAppBot, create_whatsapp_bot
+
+if TYPE_CHECKING:
+    from tests.support.vllm import VllmServer
 
 
 @pytest.fixture
@@ -50,3 +55,40 @@ def use_model(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
     yield point
     monkeypatch.undo()
     reset_settings()
+
+
+# --- real vLLM servers (``make test-vllm``) ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def vllm_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[VllmServer]]:
+    """Two real vLLM servers on CPU for the whole run, or a skip when none were asked for.
+
+    ``PARLEY_TEST_VLLM=start`` (what ``make test-vllm`` sets) starts them here and stops them
+    at the end; ``PARLEY_TEST_VLLM=URL1,URL2`` uses servers already running.
+    """
+    from tests.support import vllm
+
+    spec = os.environ.get(vllm.ENV_VAR, "").strip()
+    if not spec:
+        pytest.skip(f"needs two real vLLM servers: run `make test-vllm` ({vllm.ENV_VAR} unset)")
+    if spec != "start":
+        urls = [url.strip() for url in spec.split(",") if url.strip()]
+        if len(urls) != 2:
+            pytest.fail(f"{vllm.ENV_VAR} must be 'start' or two URLs, not {spec!r}")
+        yield vllm.external_pair(urls)
+        return
+    pair = vllm.start_pair(tmp_path_factory.mktemp("vllm"))
+    try:
+        yield pair
+    finally:
+        vllm.stop_all(pair)
+
+
+@pytest.fixture
+def vllm_pair(vllm_servers: list[VllmServer]) -> list[VllmServer]:
+    """The two servers, both running: one a test killed is started again first."""
+    from tests.support import vllm
+
+    vllm.restart_dead(vllm_servers)
+    return vllm_servers
