@@ -36,7 +36,7 @@ def interpolate(text: str, environ: Mapping[str, str], source: str) -> str:
     return "".join(out)
 
 
-def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+def line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     """The 1-based line of the YAML node at pydantic's error location (closest known parent)."""
     line = None
     for key in loc:
@@ -79,7 +79,7 @@ def parse_bots(text: str, *, environ: Mapping[str, str], source: str = "bots.yam
     messages = []
     for loc, message in problems:
         path = ".".join(str(p) for p in loc) or "(top level)"
-        messages.append(f"{source}:{_line_of(root, loc) or 1}: {path}: {message}")
+        messages.append(f"{source}:{line_of(root, loc) or 1}: {path}: {message}")
     raise ConfigError("\n".join(messages))
 
 

@@ -11,6 +11,7 @@ import importlib.util
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ __all__ = [
     "MODEL_ALIAS",
     "local_endpoint",
     "local_spec",
+    "start",
+    "stop",
     "model_path",
     "server_command",
     "wait_until_ready",
@@ -139,3 +142,31 @@ def local_endpoint(port: int, host: str = "127.0.0.1") -> Endpoint:
 def local_spec(base_url: str) -> str:
     """``PARLEY_INFERENCE_ENDPOINTS`` for the local server at ``base_url``, not streamed."""
     return f"{base_url}#model={MODEL_ALIAS}&role=chat&stream=false"
+
+
+def start(stack: ExitStack, *, port: int, threads: int, n_ctx: int, log_path: Path) -> str:
+    """Start the server on ``port`` (output appended to ``log_path``), wait until it answers,
+    and return its base URL; closing ``stack`` stops it (terminate, then kill after 25 s).
+    Raises ``RuntimeError`` as :func:`wait_until_ready` does."""
+    log = open(log_path, "ab")  # noqa: SIM115  # lives as long as the child
+    stack.callback(log.close)
+    proc = subprocess.Popen(  # noqa: S603  # our own interpreter with fixed arguments
+        server_command(port=port, threads=threads, n_ctx=n_ctx),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    stack.callback(stop, proc)
+    base = f"http://127.0.0.1:{port}"
+    wait_until_ready(base, timeout=120, proc=proc)
+    return base
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a child process: SIGTERM, then SIGKILL after 25 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=25)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

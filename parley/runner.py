@@ -35,29 +35,14 @@ def say(message: str) -> None:
 def _start_model(settings: Settings, stack: ExitStack) -> str:
     port = settings.local_model_port
     say(f"starting the local model server (SmolLM2-135M-Instruct) on 127.0.0.1:{port} …")
-    log = open(settings.data_dir / "model-server.log", "ab")  # noqa: SIM115  # lives with the child
-    stack.callback(log.close)
-    proc = subprocess.Popen(  # noqa: S603  # our own interpreter with fixed arguments
-        local.server_command(
-            port=port, threads=settings.local_model_threads, n_ctx=settings.local_model_ctx
-        ),
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    base = local.start(
+        stack,
+        port=port,
+        threads=settings.local_model_threads,
+        n_ctx=settings.local_model_ctx,
+        log_path=settings.data_dir / "model-server.log",
     )
-    stack.callback(_stop, proc)
-    base = f"http://127.0.0.1:{port}"
-    local.wait_until_ready(base, timeout=120, proc=proc)
     return local.local_spec(base)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=25)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def prepare(settings: Settings, stack: ExitStack) -> dict[str, str]:
@@ -126,7 +111,7 @@ def run() -> int:
         procs: dict[str, subprocess.Popen[bytes]] = {}
         for name, argv in children(settings).items():
             procs[name] = subprocess.Popen(argv)  # noqa: S603  # our own CLI
-            stack.callback(_stop, procs[name])
+            stack.callback(local.stop, procs[name])
         api = f"http://{settings.api_host}:{settings.api_port}"
         if not _wait_api(f"{api}/healthz", procs["api"]):
             say("the API did not come up; see the log above")

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import re
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -53,7 +52,7 @@ from sqlalchemy.pool import NullPool
 
 import bots.tasks  # noqa: F401  # registers the bots lane's tasks, which run in this process
 from bots import repository as bot_repository
-from bots.config import load_bots
+from bots.config import line_of, load_bots
 from bots.schemas import BotsFile
 from bots.service import apply_bots
 from core import jobs
@@ -215,7 +214,7 @@ class Scenarios:
     root: yaml.Node | None = field(repr=False, default=None)
 
     def line(self, *loc: str | int) -> int:
-        return _line_of(self.root, loc) or 1
+        return line_of(self.root, loc) or 1
 
     def where(self, *loc: str | int) -> str:
         return f"{self.source}:{self.line(*loc)}"
@@ -230,29 +229,11 @@ def _error(
     """One line per problem: ``file:line: field.path: message``."""
     return ConfigError(
         "\n".join(
-            f"{source}:{_line_of(root, loc) or 1}:"
+            f"{source}:{line_of(root, loc) or 1}:"
             f" {'.'.join(str(p) for p in loc) or '(top level)'}: {message}"
             for loc, message in problems
         )
     )
-
-
-def _line_of(node: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
-    """The 1-based line of the YAML node at ``loc`` (or of its closest parent that exists)."""
-    line = None
-    for key in loc:
-        if node is None:
-            break
-        line = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == key), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-        else:
-            node = None
-    if node is not None:
-        line = node.start_mark.line + 1
-    return line
 
 
 def parse_scenarios(text: str, *, source: str = "conversations.yaml") -> Scenarios:
@@ -772,29 +753,14 @@ def _free_port() -> int:
 
 def _start_model(stack: ExitStack, settings: Settings) -> str:
     """The local model server (``inference.local``) on a free port, stopped with ``stack``."""
-    port = _free_port()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    log = open(settings.data_dir / "model-server-test.log", "ab")  # noqa: SIM115  # with the child
-    stack.callback(log.close)
-    proc = subprocess.Popen(  # noqa: S603  # our own interpreter with fixed arguments
-        local.server_command(
-            port=port, threads=settings.local_model_threads, n_ctx=settings.local_model_ctx
-        ),
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    base = local.start(
+        stack,
+        port=_free_port(),
+        threads=settings.local_model_threads,
+        n_ctx=settings.local_model_ctx,
+        log_path=settings.data_dir / "model-server-test.log",
     )
-
-    def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    stack.callback(stop)
-    base = f"http://127.0.0.1:{port}"
-    local.wait_until_ready(base, timeout=120, proc=proc)
     return local.local_spec(base)
 
 
