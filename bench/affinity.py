@@ -14,9 +14,11 @@ Modes, all in front of the same two servers (started here with ``tests.support.v
 
 Every conversation is a system prompt then ``--turns`` long user messages (~145 tokens each)
 with the model's replies (``--max-tokens``, temperature 0, a seed), so its prompt passes
-1,500 tokens by the last turn. The prompts are plain OpenAI ``messages`` (system, then
-alternating turns), the shape ``bots.memory`` produces; ``bots.memory`` builds them only
-from stored ORM rows, so it is not called here. Turn k of every conversation is one round
+1,500 tokens by the last turn. Each turn's prompt is built by ``bots.memory.fit`` from the
+conversation so far (its system message, history and newest user turn, counted with the
+servers' own tokenizer through ``inference.Tokenizer`` against the budget), as the pipeline
+builds it from stored rows; the histories stay within the budget, so no turn folds (the run
+prints how many asked to). Turn k of every conversation is one round
 (``--concurrency`` requests at a time); ``/metrics`` of both servers is read before and after
 each round. Hit rate = Δ``vllm:prefix_cache_hits_total`` / Δ``vllm:prefix_cache_queries_total``
 over both servers for turns ≥ 2. Each mode has its own tag at the start of the system prompt,
@@ -54,7 +56,15 @@ import structlog
 
 from bench._common import cleanup_on_exit, command_line, goal, machine_line, percentile
 from bench._vllm import Router, StreamingTransport, StreamResult, stream_chat
-from inference import Endpoint, GenerationParams, InferenceClient, InferenceError, PoolConfig
+from bots import memory
+from inference import (
+    Endpoint,
+    GenerationParams,
+    InferenceClient,
+    InferenceError,
+    PoolConfig,
+    Tokenizer,
+)
 from tests.support import vllm
 
 MODES = ("round_robin", "cache_aware", "consistent_hash", "parley")
@@ -170,6 +180,42 @@ class Conversation:
     key: str
     messages: list[dict[str, str]]
     turns: list[Turn] = field(default_factory=list)
+    folds: int = 0  # turns whose prompt asked for a fold into a summary
+
+
+HISTORY_TURNS = 40  # bots.yaml's default
+
+
+def memory_prompt(
+    conversation: Conversation, tokenizer: Tokenizer, max_tokens: int
+) -> list[dict[str, str]]:
+    """The turn's prompt as ``bots.memory`` builds it: the system message, the history and the
+    newest user turn, within the budget counted by the servers' tokenizer."""
+    system, *rest = conversation.messages
+    turns = [memory.Turn(m["role"], m["content"], (i,)) for i, m in enumerate(rest, start=1)]
+    ctx = memory.Context(
+        conversation_id=0,
+        system=system["content"],
+        summary=None,
+        history=tuple(turns[:-1]),
+        newest=(turns[-1],),
+        older_unread=False,
+        fold_pending=False,
+        max_messages=HISTORY_TURNS,
+        max_tokens=max_tokens,
+        model=vllm.SERVED_MODEL,
+        config=memory.Config(
+            context_tokens=None,  # what the servers report (--max-model-len)
+            fallback_context=vllm.MAX_MODEL_LEN,
+            margin_tokens=32,
+            summary_tokens=200,
+            summary_prompt=memory.DEFAULT_SUMMARY_PROMPT,
+        ),
+    )
+    prompt = memory.fit(ctx, tokenizer)
+    if prompt.fold_through is not None:
+        conversation.folds += 1
+    return prompt.messages
 
 
 @dataclass
@@ -186,6 +232,7 @@ class Outcome:
     failed_conversations: int = 0
     duplicated: int = 0
     extra_completions: float = 0.0
+    folds: int = 0
 
 
 def user_text(conversation: int, turn: int, words: int) -> str:
@@ -255,6 +302,11 @@ def run_mode(
     ]
     kill_round = args.turns // 2 + 1 if kill is not None else -1
     sender = make_sender(mode, urls, settings, log_dir)
+    tokenizer = Tokenizer([Endpoint(url, model=vllm.SERVED_MODEL) for url in urls])
+
+    def one_turn(n: int) -> Turn:
+        return _one_turn(sender, conversations[n], tokenizer, args.max_tokens)
+
     hits = queries = 0.0
     ttfts: list[float] = []
     tokens = 0
@@ -281,7 +333,7 @@ def run_mode(
                 order = list(range(len(conversations)))
                 shuffler.shuffle(order)
                 started = time.perf_counter()
-                shuffled = list(pool.map(lambda n: _one_turn(sender, conversations[n]), order))
+                shuffled = list(pool.map(one_turn, order))
                 turns = [Turn(ok=False)] * len(conversations)
                 for n, outcome in zip(order, shuffled, strict=True):
                     turns[n] = outcome
@@ -327,6 +379,7 @@ def run_mode(
                 )
     finally:
         sender.close()
+        tokenizer.close()
     all_turns = [t for c in conversations for t in c.turns]
     return Outcome(
         mode=mode,
@@ -341,15 +394,19 @@ def run_mode(
         failed_conversations=sum(1 for c in conversations if any(not t.ok for t in c.turns)),
         duplicated=sum(1 for t in all_turns if t.result is not None and t.result.duplicated),
         extra_completions=extra,
+        folds=sum(c.folds for c in conversations),
     )
 
 
-def _one_turn(sender: Sender, conversation: Conversation) -> Turn:
+def _one_turn(
+    sender: Sender, conversation: Conversation, tokenizer: Tokenizer, max_tokens: int
+) -> Turn:
     """One reply; on failure the caller retries once after a second, as the pipeline does."""
     error = ""
+    messages = memory_prompt(conversation, tokenizer, max_tokens)
     for attempt in range(2):
         try:
-            result = sender.send(conversation.key, conversation.messages)
+            result = sender.send(conversation.key, messages)
             return Turn(ok=True, result=result, retried=attempt > 0)
         except (httpx.HTTPError, InferenceError) as exc:
             error = type(exc).__name__
@@ -379,7 +436,7 @@ def line(outcome: Outcome) -> str:
         f"affinity: mode {outcome.mode} hit {outcome.hit:.3f} "
         f"ttft_p50 {outcome.ttft_p50:.2f}s ttft_p90 {outcome.ttft_p90:.2f}s "
         f"tok/s {outcome.tok_per_s:.1f} prompt_max {outcome.prompt_max} "
-        f"hit_ceiling {outcome.ceiling:.2f}"
+        f"hit_ceiling {outcome.ceiling:.2f} folds {outcome.folds}"
     )
 
 
