@@ -37,8 +37,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import structlog
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -51,6 +53,7 @@ from webhooks.directory import Directory
 
 log = structlog.get_logger()
 Job = tuple[str, int]  # (task name, outbox job id): a doorbell to ring after the commit
+T = TypeVar("T")
 
 # Errors that say Postgres cannot be reached: retrying each delivery alone would only wait again.
 UNREACHABLE = (OperationalError, InterfaceError)
@@ -70,6 +73,51 @@ class _Staged:
     session: Session
     results: list[service.IntakeResult]
     doorbells: list[Job]
+
+
+class _Lane(Generic[T]):
+    """A queue served by one daemon thread, started on demand and gone after ``idle_exit``
+    seconds without work. ``put`` enqueues before it looks for the thread, and the thread
+    leaves only when, under the same lock, the queue is empty: no item is ever stranded."""
+
+    def __init__(
+        self, name: str, handle: Callable[[T], None], idle_exit: float, maxsize: int = 0
+    ) -> None:
+        self.name = name
+        self.handle = handle
+        self.idle_exit = idle_exit
+        self.queue: queue.Queue[T] = queue.Queue(maxsize)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def put(self, item: T) -> None:
+        """Enqueue ``item`` (waiting while a bounded queue is full)."""
+        self.queue.put(item)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+
+    def take_waiting(self) -> list[T]:
+        """Every item queued now, without waiting."""
+        items: list[T] = []
+        while True:
+            try:
+                items.append(self.queue.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self.queue.get(timeout=self.idle_exit)
+            except queue.Empty:
+                with self._lock:
+                    if self.queue.empty():
+                        self._thread = None
+                        return
+                continue
+            self.handle(item)
 
 
 @dataclass(frozen=True)
@@ -100,13 +148,11 @@ class IntakeBatcher:
         self.max_wait = max(0.0, max_wait)
         self.idle_exit = idle_exit
         self._queue: queue.Queue[_Request] = queue.Queue()
-        self._doorbells: queue.Queue[list[tuple[str, int]]] = queue.Queue()
+        self._doorbells = _Lane[list[Job]]("intake-doorbells", self._ring_now, idle_exit)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._ringer: threading.Thread | None = None
-        self._committer: threading.Thread | None = None
         # One batch committing, one applied and waiting: the writer applies a third meanwhile.
-        self._committing: queue.Queue[_Staged] = queue.Queue(maxsize=1)
+        self._committing = _Lane[_Staged]("intake-committer", self._finish, idle_exit, maxsize=1)
         self._received: dict[str, int] = {}
         self._received_channels: set[str] = set()
         self._received_deliveries = 0
@@ -167,35 +213,17 @@ class IntakeBatcher:
                 )
                 self._thread.start()
 
-    def _ring(self, doorbells: list[tuple[str, int]]) -> None:
+    def _ring(self, doorbells: list[Job]) -> None:
         """Hand committed jobs to the doorbell thread, so the next batch need not wait for the
         broker."""
-        if not doorbells:
-            return
-        self._doorbells.put(doorbells)
-        with self._lock:
-            if self._ringer is None:
-                self._ringer = threading.Thread(
-                    target=self._run_ringer, name="intake-doorbells", daemon=True
-                )
-                self._ringer.start()
+        if doorbells:
+            self._doorbells.put(doorbells)
 
-    def _run_ringer(self) -> None:
-        while True:
-            try:
-                work = self._doorbells.get(timeout=self.idle_exit)
-            except queue.Empty:
-                with self._lock:
-                    if self._doorbells.empty():
-                        self._ringer = None
-                        return
-                continue
-            while True:  # everything committed meanwhile goes out in the same broker write
-                try:
-                    work = work + self._doorbells.get_nowait()
-                except queue.Empty:
-                    break
-            jobs.send_many(work)
+    def _ring_now(self, work: list[Job]) -> None:
+        # everything committed meanwhile goes out in the same broker write
+        for more in self._doorbells.take_waiting():
+            work = work + more
+        jobs.send_many(work)
 
     def _run(self) -> None:
         idle_since = time.monotonic()
@@ -260,7 +288,6 @@ class IntakeBatcher:
             self._failed(batch, exc)
             return
         if self.overlap:
-            self._ensure_committer()
             self._committing.put(staged)  # waits while a commit is in flight and one queued
         else:
             self._finish(staged)
@@ -306,26 +333,6 @@ class IntakeBatcher:
             self._retried += 1
         for request in batch:
             self._commit_alone(request)
-
-    def _ensure_committer(self) -> None:
-        with self._lock:
-            if self._committer is None:
-                self._committer = threading.Thread(
-                    target=self._run_committer, name="intake-committer", daemon=True
-                )
-                self._committer.start()
-
-    def _run_committer(self) -> None:
-        while True:
-            try:
-                staged = self._committing.get(timeout=self.idle_exit)
-            except queue.Empty:
-                with self._lock:
-                    if self._committing.empty():
-                        self._committer = None
-                        return
-                continue
-            self._finish(staged)
 
     def _commit_alone(self, request: _Request) -> None:
         delivery = request.delivery
