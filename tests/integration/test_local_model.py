@@ -22,7 +22,7 @@ from inference import (
     PoolConfig,
     parse_endpoints,
 )
-from inference.local import MODEL_ALIAS, local_endpoint, server_command, wait_until_ready
+from inference.local import MODEL_ALIAS, local_endpoint, server_command, stop, wait_until_ready
 from tests.support.tripwire import FiringTransport, SoftTimeLimit
 
 N_CTX = 1024
@@ -65,12 +65,7 @@ def server(server_log: Path) -> Iterator[Endpoint]:
             pytest.fail(f"{exc}\n--- server log tail ---\n{tail}")
         yield local_endpoint(port)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @pytest.fixture
