@@ -148,7 +148,7 @@ def test_model_rejecting_the_request_gives_the_fallback(
     assert reply.verdict is not None and "model.bad_request" in reply.verdict["reasons"]
 
 
-def test_context_too_long_retries_with_the_newest_turn_only(
+def test_context_too_long_retries_with_the_newest_turn_and_folds_the_rest(
     client: TestClient,
     db: Session,
     wa_bot: WhatsAppBot,
@@ -181,6 +181,12 @@ def test_context_too_long_retries_with_the_newest_turn_only(
     )
     assert [r.body for r in replies] == ["Short answer.", "Short answer."]
     assert len(replies[1].prompt_message_ids or []) == 1
+    # what the retry dropped is folded into the summary
+    fold = _pending(db, "maintenance.fold_memory")
+    assert fold.payload == {
+        "conversation_id": replies[0].conversation_id,
+        "through_id": replies[0].id,
+    }
 
 
 def test_model_down_messages_wait_with_one_holding_notice_then_are_answered(
@@ -264,37 +270,3 @@ def test_the_bots_generation_settings_reach_the_model(
     (request,) = [r for r in model.requests if "messages" in r]
     assert (request["temperature"], request["top_p"], request["max_tokens"]) == (0.3, 0.9, 40)
     assert (request["stop"], request["seed"]) == (["\nCustomer:"], 11)
-
-
-def test_context_too_long_folds_the_history_it_had_to_drop(
-    client: TestClient,
-    db: Session,
-    wa_bot: WhatsAppBot,
-    graph_sandbox: str,
-    use_model: Callable[..., None],
-) -> None:
-    def script(request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        if len(request["messages"]) > 2:
-            return 400, {"error": {"message": "This model's maximum context length is 4096"}}
-        return completion("Short answer.")
-
-    model = ScriptedModel(script)
-    try:
-        use_model(model.url, graph_sandbox)
-        _deliver(client, wa_bot, "first")
-        assert pipeline.reply(_pending(db, "bots.reply").id) == "done"
-        _deliver(client, wa_bot, "second")
-        assert pipeline.reply(_pending(db, "bots.reply").id) == "done"
-    finally:
-        model.close()
-    first_reply = db.execute(
-        select(Message)
-        .where(Message.direction == "out", Message.kind == "text")
-        .order_by(Message.id)
-        .limit(1)
-    ).scalar_one()
-    fold = _pending(db, "maintenance.fold_memory")
-    assert fold.payload == {
-        "conversation_id": first_reply.conversation_id,
-        "through_id": first_reply.id,
-    }
